@@ -213,26 +213,24 @@ def detect_format(column_names: Iterable[str]) -> RowFormat:
 
 
 def _format_by_name(name: str, columns: list[str]) -> RowFormat:
-    if name not in FORMAT_NAMES:
+    if name not in _FORMAT_COLUMNS:
         raise InputError(f"Unknown row format {name!r}; known formats: {list(FORMAT_NAMES)}.")
-    detected = detect_format([c for c in columns if _column_belongs_to(c, name)])
-    if detected.kind != name:
-        raise InputError(f"Row format {name!r} needs columns that are not all present in {columns}.")
-    return detected
+    required, optional = _FORMAT_COLUMNS[name]
+    missing = sorted(required - set(columns))
+    if missing:
+        raise InputError(f"Row format {name!r} needs column(s) {missing}; the dataset has {columns}.")
+    return detect_format([c for c in columns if c in required | optional])
 
 
-def _column_belongs_to(column: str, name: str) -> bool:
-    return (
-        column
-        in {
-            "messages": {"messages"},
-            "conversations": {"conversations"},
-            "alpaca": {"instruction", "input", "output"},
-            "prompt_completion": {"prompt", "completion"},
-            "question_answer": {"question", "answer"},
-            "text": {"text"},
-        }[name]
-    )
+# format name -> (required columns, optional columns)
+_FORMAT_COLUMNS: dict[str, tuple[set[str], set[str]]] = {
+    "messages": ({"messages"}, set()),
+    "conversations": ({"conversations"}, set()),
+    "alpaca": ({"instruction", "output"}, {"input"}),
+    "prompt_completion": ({"prompt", "completion"}, set()),
+    "question_answer": ({"question", "answer"}, set()),
+    "text": ({"text"}, set()),
+}
 
 
 # -- helpers ---------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ class ConfigParser(HfArgumentParser):
             config_path = args[index + 1]
             del args[index : index + 2]
             self.set_defaults_from(load_yaml_mapping(config_path), source=config_path)
-        return tuple(self.parse_args_into_dataclasses(args=args))
+        outputs = self.parse_args_into_dataclasses(args=args)
+        return tuple(outputs[: len(self.dataclass_types)])  # drop the namespace holding --config
 
     def set_defaults_from(self, values: dict[str, Any], *, source: str) -> None:
         """Use ``values`` (flat ``field: value``) as defaults; unknown keys are an error naming the file."""

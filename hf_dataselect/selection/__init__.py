@@ -92,6 +92,8 @@ def select(
         row_format_name=row_format,
     )
     resolved_id_column = find_id_column(dataset.column_names, id_column)
+    if prompt_column or response_column or row_format:
+        context.row_format  # noqa: B018  (validates the columns the user named, even if no text is needed)
     selector.validate(dataset, rows, context)
 
     prepared = selector.prepare(dataset, context)

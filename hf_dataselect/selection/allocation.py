@@ -15,9 +15,10 @@ from hf_dataselect.errors import InputError
 def allocate_budget(budget: int, weights: np.ndarray, capacities: np.ndarray) -> np.ndarray:
     """Integer slots per cluster: proportional to ``weights``, never above ``capacities``, summing to ``budget``.
 
-    Largest-remainder rounding (ties to the lower cluster index). A cluster whose share exceeds its capacity
-    is filled completely and the remaining budget is shared again among the others, in proportion to their
-    weights, until everything is placed.
+    First the real-valued shares are water-filled: every cluster whose share reaches its capacity is filled
+    completely and the rest of the budget is shared again among the others, in proportion to their weights,
+    until no share exceeds its capacity. Then the open clusters' shares are rounded by largest remainder (ties
+    to the lower cluster index); a share below its capacity never rounds above it.
     """
     weights = np.asarray(weights, dtype=np.float64)
     capacities = np.asarray(capacities, dtype=np.int64)
@@ -32,29 +33,31 @@ def allocate_budget(budget: int, weights: np.ndarray, capacities: np.ndarray) ->
 
     allocation = np.zeros_like(capacities)
     open_clusters = capacities > 0
-    remaining = int(budget)
+    # clusters without weight only take rows once every weighted cluster is full
+    if weights[open_clusters].sum() <= 0 or capacities[open_clusters & (weights > 0)].sum() < budget:
+        allocation[open_clusters & (weights > 0)] = capacities[open_clusters & (weights > 0)]
+        open_clusters &= weights <= 0
+        weights = np.where(open_clusters, capacities, 0).astype(np.float64)
+    remaining = budget - int(allocation.sum())
     while remaining > 0:
-        share_weights = np.where(open_clusters, weights, 0.0)
-        if share_weights.sum() <= 0:  # only zero-weight clusters have room left: share by room instead
-            share_weights = np.where(open_clusters, (capacities - allocation).astype(np.float64), 0.0)
-        ideal = remaining * share_weights / share_weights.sum()
-        proposal = _largest_remainder(ideal, remaining)
-        room = capacities - allocation
-        overflow = proposal > room
-        if not overflow.any():
-            allocation += proposal
-            break
-        allocation[overflow] += room[overflow]
-        remaining -= int(room[overflow].sum())
-        open_clusters &= ~overflow
+        share = np.zeros_like(weights)
+        share[open_clusters] = remaining * weights[open_clusters] / weights[open_clusters].sum()
+        full = open_clusters & (share >= capacities)
+        if not full.any():
+            return allocation + _largest_remainder(share, remaining)
+        allocation[full] = capacities[full]
+        remaining -= int(capacities[full].sum())
+        open_clusters &= ~full
     return allocation
 
 
 def _largest_remainder(ideal: np.ndarray, total: int) -> np.ndarray:
+    # rounded so that shares equal in exact arithmetic (3.0 vs 2.9999999999) are equal in floating point too
+    ideal = np.round(ideal, 9)
     floors = np.floor(ideal).astype(np.int64)
     missing = total - int(floors.sum())
     if missing > 0:
-        remainders = ideal - floors
+        remainders = np.round(ideal - floors, 9)
         # descending remainder, ascending index for ties
         order = np.lexsort((np.arange(len(ideal)), -remainders))
         floors[order[:missing]] += 1
