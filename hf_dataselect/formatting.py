@@ -117,7 +117,7 @@ class RowFormat:
     @property
     def has_response(self) -> bool:
         """Whether rows have a response separate from the prompt (``text`` rows do not)."""
-        return self.kind == "callable" or self.response_column is not None
+        return self.kind != "text"
 
     # -- conversion -----------------------------------------------------------------------------------
     def prompt_response(self, row: Mapping[str, Any]) -> tuple[str, str]:

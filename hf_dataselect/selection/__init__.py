@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 # Built-in methods register themselves on import.
-from hf_dataselect.selection import baselines, kmq  # noqa: F401
+from hf_dataselect.selection import baselines, iterative_kmq, kmq, perplexity  # noqa: F401
 from hf_dataselect.selection.base import (
     SelectionContext,
     SelectionOutput,

@@ -109,3 +109,13 @@ def check_k(k: int | None, pool_size: int) -> None:
         raise InputError(f"k must be a positive number of clusters, got {k!r}.")
     if k > pool_size:
         raise InputError(f"k={k} clusters is larger than the pool ({pool_size} rows).")
+
+
+def cluster_labels(dataset: Dataset, column: str) -> np.ndarray:
+    """Cluster ids from a column as int64; they must be non-negative integers."""
+    from hf_dataselect.data import numeric_column
+
+    values = numeric_column(dataset, column, purpose="Reading cluster ids")
+    if (values < 0).any() or not np.equal(np.mod(values, 1), 0).all():
+        raise InputError(f"Column {column!r} must hold non-negative integer cluster ids.")
+    return values.astype(np.int64)
