@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 # Built-in methods register themselves on import.
-from hf_dataselect.selection import baselines, iterative_kmq, kmq, perplexity  # noqa: F401
+from hf_dataselect.selection import (  # noqa: F401
+    baselines,
+    deita,
+    iterative_kmq,
+    kmq,
+    perplexity,
+    sae_greedy,
+    sae_simscale,
+)
 from hf_dataselect.selection.base import (
     SelectionContext,
     SelectionOutput,

@@ -169,3 +169,12 @@ def make_selector(method: str, options: dict[str, Any]) -> Selector:
     if clashing:
         raise InputError(f"Method {method!r} fixes {clashing}; use another method name to change them.")
     return cls(**{**options, **preset})
+
+
+def method_option_names(method: str) -> set[str]:
+    """Options ``method`` accepts (its dataclass fields, minus those its registered name fixes)."""
+    available_methods()
+    if method not in _REGISTRY:
+        raise InputError(f"Unknown selection method {method!r}; available: {', '.join(sorted(_REGISTRY))}.")
+    cls, preset = _REGISTRY[method]
+    return {f.name for f in dataclasses.fields(cls)} - set(preset)
