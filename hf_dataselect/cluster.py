@@ -4,6 +4,12 @@ faiss trains on a subsample of ``max_points_per_centroid · k`` points by defaul
 used unless the caller sets ``max_points_per_centroid``. The fitted :class:`KMeans` records seed, backend,
 ``k``, iterations and inertia (sum of squared distances of *all* points to their centroid) and saves its
 centroids with safetensors.
+
+About faiss' start-up log ("Could not load library with AVX512 support ... Loading faiss"): faiss-cpu ≥ 1.12
+wheels ship one library with *dynamic dispatch* (``faiss.get_compile_options()`` lists ``DD``) and pick the
+SIMD level at run time (``faiss.SIMDConfig.get_level_name()`` reports ``AVX512_VPOPCNT`` on this project's
+CPUs); the loader still looks for the pre-1.12 per-ISA modules first and logs their absence. Nothing is lost,
+so that logger is quietened to warnings. The distance computations of k-means go through BLAS (sgemm) anyway.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +30,16 @@ from hf_dataselect.errors import InputError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "faiss", "torch")
+INITS = ("k-means++", "random")
 _ASSIGN_CHUNK = 65536
+_KMEANSPP_POINTS_PER_CENTROID = 20
 
 
 def faiss_available() -> bool:
+    if "faiss" not in sys.modules:
+        loader_log = logging.getLogger("faiss.loader")
+        if loader_log.level == logging.NOTSET:  # see the module docstring; a level the user set is kept
+            loader_log.setLevel(logging.WARNING)
     try:
         import faiss  # noqa: F401
     except ImportError:
@@ -46,6 +59,8 @@ class KMeans:
     niter: int
     n_train: int
     """Number of points the centroids were trained on."""
+    init: str = "k-means++"
+    """How the starting centroids were drawn (see :func:`fit_kmeans`)."""
     silhouette: dict[int, float] | None = None
     """Silhouette score per candidate ``k`` when ``k`` was chosen by :func:`choose_k`."""
     labels: np.ndarray | None = field(default=None, repr=False)
@@ -85,6 +100,7 @@ class KMeans:
             "backend": self.backend,
             "niter": self.niter,
             "n_train": self.n_train,
+            "init": self.init,
         }
         if self.silhouette is not None:
             meta["silhouette"] = {str(k): v for k, v in self.silhouette.items()}
@@ -125,6 +141,7 @@ class KMeans:
             backend=str(meta.get("backend", "unknown")),
             niter=int(meta.get("niter", 0)),
             n_train=int(meta.get("n_train", 0)),
+            init=str(meta.get("init", "unknown")),
             silhouette=silhouette,
         )
 
@@ -137,12 +154,18 @@ def fit_kmeans(
     backend: str = "auto",
     niter: int = 20,
     max_points_per_centroid: int | None = None,
+    init: str = "k-means++",
     verbose: bool = False,
 ) -> KMeans:
     """Lloyd's k-means on the rows of ``x`` (``[n, dim]``) with ``k`` centroids.
 
     ``max_points_per_centroid``: train on at most this many points per centroid (faiss' subsampling);
     ``None`` uses every point. Labels, distances and inertia are always computed on every point.
+
+    ``init``: ``"k-means++"`` (default) seeds the centroids by k-means++ on a seeded sample of at most
+    20·k training points, for both backends; ``"random"`` takes k random points (faiss' own default), which
+    often merges well-separated clusters and splits others (a local minimum Lloyd cannot leave). faiss'
+    built-in k-means++ would make k sequential passes over *all* points, too slow at a million rows.
     """
     x = _as_matrix(x, "points")
     n = x.shape[0]
@@ -150,6 +173,8 @@ def fit_kmeans(
         raise InputError(f"k must be a positive integer, got {k!r}.")
     if k > n:
         raise InputError(f"k={k} is larger than the number of rows ({n}).")
+    if init not in INITS:
+        raise InputError(f"Unknown k-means init {init!r}; expected one of {list(INITS)}.")
     if backend not in BACKENDS:
         raise InputError(f"Unknown k-means backend {backend!r}; expected one of {list(BACKENDS)}.")
     if backend == "auto":
@@ -162,12 +187,19 @@ def fit_kmeans(
         rng = np.random.default_rng(seed)
         train = x[np.sort(rng.choice(n, max_points_per_centroid * k, replace=False))]
 
+    start = initial_centroids(train, int(k), seed=seed, init=init)
     if backend == "faiss":
-        centroids = _faiss_train(train, int(k), seed=seed, niter=niter, verbose=verbose)
+        centroids = _faiss_train(train, start, seed=seed, niter=niter, verbose=verbose)
     else:
-        centroids = _torch_train(train, int(k), seed=seed, niter=niter)
+        centroids = _torch_train(train, start, niter=niter)
     model = KMeans(
-        centroids=centroids, inertia=math.nan, seed=seed, backend=backend, niter=niter, n_train=len(train)
+        centroids=centroids,
+        inertia=math.nan,
+        seed=seed,
+        backend=backend,
+        niter=niter,
+        n_train=len(train),
+        init=init,
     )
     labels, distances = model.assign(x)
     model.labels, model.distances = labels, distances
@@ -224,14 +256,50 @@ def _as_matrix(x: Any, what: str) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] == 0:
         raise InputError(f"Expected a non-empty 2-D array of {what}, got shape {x.shape}.")
-    if not np.isfinite(x).all():
+    from hf_dataselect.data import all_finite
+
+    if not all_finite(x):
         raise InputError(f"The {what} contain NaN or infinite values.")
     return x
 
 
-def _faiss_train(x: np.ndarray, k: int, *, seed: int, niter: int, verbose: bool) -> np.ndarray:
+def initial_centroids(x: np.ndarray, k: int, *, seed: int, init: str = "k-means++") -> np.ndarray:
+    """Starting centroids: k-means++ on a seeded sample of ≤ 20·k rows, or ``k`` seeded random rows."""
+    rng = np.random.default_rng([seed, 1])
+    if init == "random":
+        return x[np.sort(rng.choice(len(x), k, replace=False))].copy()
+    sample_size = max(k * _KMEANSPP_POINTS_PER_CENTROID, 1000)
+    sample = x if len(x) <= sample_size else x[np.sort(rng.choice(len(x), sample_size, replace=False))]
+    return _kmeans_plus_plus(sample, k, rng)
+
+
+def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Arthur & Vassilvitskii's D² seeding: each next centroid is a row drawn ∝ squared distance to the
+    nearest centroid so far. Rows identical to chosen centroids are never drawn again while others remain."""
+    sq_norms = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = rng.integers(len(x))
+    closest = np.full(len(x), np.inf)
+    for i in range(k):
+        if i:
+            cumulative = np.cumsum(closest)
+            if cumulative[-1] > 0:
+                chosen[i] = min(
+                    int(np.searchsorted(cumulative, rng.random() * cumulative[-1], "right")), len(x) - 1
+                )
+            else:  # fewer distinct rows than k: take the first rows not chosen yet
+                chosen[i] = np.setdiff1d(np.arange(len(x)), chosen[:i], assume_unique=False)[0]
+        centre = x[chosen[i]]
+        sq = np.maximum(sq_norms - 2.0 * (x @ centre) + sq_norms[chosen[i]], 0.0)
+        np.minimum(closest, sq, out=closest)
+        closest[chosen[i]] = 0.0
+    return x[chosen].astype(np.float32, copy=True)
+
+
+def _faiss_train(x: np.ndarray, start: np.ndarray, *, seed: int, niter: int, verbose: bool) -> np.ndarray:
     import faiss
 
+    k = len(start)
     kmeans = faiss.Kmeans(
         x.shape[1],
         k,
@@ -241,38 +309,50 @@ def _faiss_train(x: np.ndarray, k: int, *, seed: int, niter: int, verbose: bool)
         max_points_per_centroid=max(1, -(-x.shape[0] // k)),  # never subsample: the caller already did
         min_points_per_centroid=1,
     )
-    kmeans.train(x)
+    kmeans.train(x, init_centroids=np.ascontiguousarray(start, dtype=np.float32))
     return np.asarray(kmeans.centroids, dtype=np.float32)
 
 
 def _torch_assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.empty(len(x), dtype=np.int64)
+    distances = np.empty(len(x), dtype=np.float32)
+    for start, chunk_labels, chunk_sq in _torch_assign_chunks(x, centroids):
+        labels[start : start + len(chunk_labels)] = chunk_labels.numpy()
+        distances[start : start + len(chunk_labels)] = chunk_sq.sqrt().numpy()
+    return labels, distances
+
+
+def _torch_assign_chunks(x: np.ndarray, centroids: np.ndarray):
+    """Yield ``(start, labels, squared distances)`` per chunk of rows (bounded memory: chunk × k floats)."""
     import torch
 
     c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
     c_sq = (c * c).sum(1)
-    labels = np.empty(len(x), dtype=np.int64)
-    distances = np.empty(len(x), dtype=np.float32)
     for start in range(0, len(x), _ASSIGN_CHUNK):
         chunk = torch.from_numpy(x[start : start + _ASSIGN_CHUNK])
-        sq = (chunk * chunk).sum(1, keepdim=True) - 2 * chunk @ c.T + c_sq
+        sq = torch.addmm(c_sq, chunk, c.T, alpha=-2).add_((chunk * chunk).sum(1, keepdim=True))
         best_sq, best = sq.min(1)
-        labels[start : start + len(chunk)] = best.numpy()
-        distances[start : start + len(chunk)] = best_sq.clamp_min(0).sqrt().numpy()
-    return labels, distances
+        yield start, best, best_sq.clamp_min_(0)
 
 
-def _torch_train(x: np.ndarray, k: int, *, seed: int, niter: int) -> np.ndarray:
-    """Lloyd iterations from ``k`` seeded random points; an emptied cluster takes the farthest point."""
+def _torch_train(x: np.ndarray, start: np.ndarray, *, niter: int) -> np.ndarray:
+    """Lloyd iterations from ``start``; an emptied cluster takes the point farthest from its centroid.
+
+    Sums are accumulated in float64 chunk by chunk, so memory stays at one chunk beyond the data.
+    """
     import torch
 
-    rng = np.random.default_rng(seed)
-    centroids = x[np.sort(rng.choice(len(x), k, replace=False))].copy()
-    points = torch.from_numpy(x)
+    k = len(start)
+    centroids = np.array(start, dtype=np.float32)
     for _ in range(niter):
-        labels, distances = _torch_assign(x, centroids)
-        label_t = torch.from_numpy(labels)
-        sums = torch.zeros((k, x.shape[1]), dtype=torch.float64).index_add_(0, label_t, points.double())
-        counts = torch.bincount(label_t, minlength=k)
+        sums = torch.zeros((k, x.shape[1]), dtype=torch.float64)
+        counts = torch.zeros(k, dtype=torch.int64)
+        distances = np.empty(len(x), dtype=np.float32)
+        for start, labels, sq in _torch_assign_chunks(x, centroids):
+            chunk = torch.from_numpy(x[start : start + len(labels)])
+            sums.index_add_(0, labels, chunk.double())
+            counts += torch.bincount(labels, minlength=k)
+            distances[start : start + len(labels)] = sq.numpy()
         new = (sums / counts.clamp_min(1).unsqueeze(1)).float().numpy()
         empty = np.flatnonzero(counts.numpy() == 0)
         if len(empty):

@@ -75,6 +75,29 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 inference beats fp32 there."""
+    import torch
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # torch without these probes: stay with fp32
+        return False
+
+
+def fast_inference_dtype(device: torch.device) -> torch.dtype:
+    """The fastest dtype that keeps embeddings within cosine 0.999 of fp32 on ``device``.
+
+    bf16 on CUDA GPUs that support it and on CPUs with native bf16 (there oneDNN's bf16 GEMMs are several
+    times faster than fp32 ones); fp16 on other GPUs; fp32 everywhere else.
+    """
+    import torch
+
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return resolve_dtype("auto", device)
+
+
 def load_tokenizer(model: str | None, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
