@@ -191,3 +191,20 @@ def test_demo_command_writes_the_pool(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 50 and {"instruction", "input", "output", "rating", "task"} <= set(rows[0])
     assert run_cli("demo", "--output", out) == 2  # exists, no --overwrite
+
+
+def test_config_file_can_turn_off_a_boolean_that_defaults_to_true(tmp_path):
+    from dataclasses import dataclass, field
+
+    from hf_dataselect.commands._parser import make_parser
+
+    @dataclass
+    class Flags:
+        figures: bool = field(default=True, metadata={"help": "draw figures"})
+
+    config = tmp_path / "c.yaml"
+    config.write_text("figures: false\n")
+    (flags,) = make_parser("t", "test", [Flags]).parse_with_config(["--config", str(config)])
+    assert flags.figures is False
+    (flags,) = make_parser("t", "test", [Flags]).parse_with_config(["--config", str(config), "--figures", "true"])
+    assert flags.figures is True

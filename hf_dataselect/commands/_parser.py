@@ -36,13 +36,16 @@ class ConfigParser(HfArgumentParser):
 
     def set_defaults_from(self, values: dict[str, Any], *, source: str) -> None:
         """Use ``values`` (flat ``field: value``) as defaults; unknown keys are an error naming the file."""
-        known = {action.dest: action for action in self._actions}
-        unknown = sorted(set(values) - set(known))
+        known = {action.dest for action in self._actions}
+        unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"{source}: unknown field(s) {unknown}; run with --help to see the fields.")
-        for key, value in values.items():
-            known[key].default = value
-            known[key].required = False
+        # every action of a field (a boolean has --x and --no_x) must carry the new default
+        for action in self._actions:
+            if action.dest in values:
+                action.default = values[action.dest]
+                action.required = False
+        self.set_defaults(**values)
 
     def error(self, message: str):  # argparse calls this for bad flags; keep its exit status 2
         self.print_usage()
