@@ -206,5 +206,7 @@ def test_config_file_can_turn_off_a_boolean_that_defaults_to_true(tmp_path):
     config.write_text("figures: false\n")
     (flags,) = make_parser("t", "test", [Flags]).parse_with_config(["--config", str(config)])
     assert flags.figures is False
-    (flags,) = make_parser("t", "test", [Flags]).parse_with_config(["--config", str(config), "--figures", "true"])
+    (flags,) = make_parser("t", "test", [Flags]).parse_with_config(
+        ["--config", str(config), "--figures", "true"]
+    )
     assert flags.figures is True

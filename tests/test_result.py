@@ -60,7 +60,9 @@ def test_row_ids_are_content_based_and_survive_reordering():
     reversed_pool = pool.select(list(range(29, -1, -1)))
     reversed_ids = select(reversed_pool, "random", 30, seed=0).row_ids
     by_text = dict(zip(pool["instruction"], select(pool, "random", 30).row_ids, strict=True))
-    assert by_text == dict(zip(reversed_pool["instruction"], select(reversed_pool, "random", 30).row_ids, strict=True))
+    assert by_text == dict(
+        zip(reversed_pool["instruction"], select(reversed_pool, "random", 30).row_ids, strict=True)
+    )
     assert len(set(ids)) == 30 and set(ids) == set(reversed_ids)
 
 
