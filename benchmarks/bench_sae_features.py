@@ -5,6 +5,8 @@
     TopK code) and τ at calibrated quantiles of the non-zero activations.
 (d) On the same batches: time of the model forward up to the hookpoint vs time of the SAE part (TopK-encode
     every kept token, max-pool per row, extract the active latents). Target: SAE ≤ 15 % of the forward.
+    Measured for each model dtype of ``--overhead-dtypes`` (``auto`` is bf16 on CPUs with native bf16, where
+    the forward is about 2x faster, so the SAE's share grows; the SAE always runs in float32).
 
     python benchmarks/bench_sae_features.py --sae /tmp/hf_dataselect_bench_sae/sae --output benchmarks/results/sae_features.json
 
@@ -46,7 +48,8 @@ def length_correlations(args, transform_options: dict) -> dict:
 
     pools = {
         "lima": lima_rows(args.lima),
-        "t0": t0_rows(args.t0_dir, args.t0_rows, args.seed + 1),  # not the T0 rows the SAE was trained on
+        # another seeded sample than the SAE's training rows (overlap ≈ 2000² / 50k ≈ 80 rows)
+        "t0": t0_rows(args.t0_dir, args.t0_rows, args.seed + 1),
     }
     results = {}
     for name, rows in pools.items():
@@ -98,6 +101,12 @@ def length_correlations(args, transform_options: dict) -> dict:
 
 
 def overhead(args, transform_options: dict) -> dict:
+    return {
+        dtype: overhead_for(args, {**transform_options, "dtype": dtype}) for dtype in args.overhead_dtypes
+    }
+
+
+def overhead_for(args, transform_options: dict) -> dict:
     import torch
 
     from hf_dataselect.sae.activations import TokenActivations
@@ -105,6 +114,7 @@ def overhead(args, transform_options: dict) -> dict:
 
     runner = SAEFeatures(**transform_options).runtime()
     reader = runner.reader
+    model_dtype = str(next(reader.model.parameters()).dtype)
     samples = {
         "lima (long)": texts_of(lima_rows(args.lima))[: args.overhead_rows],
         "t0 (short)": texts_of(t0_rows(args.t0_dir, args.overhead_rows, args.seed + 2)),
@@ -144,6 +154,7 @@ def overhead(args, transform_options: dict) -> dict:
         lm_total, sae_total = sum(lm_times), sum(sae_times)
         results[name] = {
             "rows": len(texts),
+            "model_dtype": model_dtype,
             "kept_tokens": tokens,
             "lm_forward_s": lm_total,
             "sae_s": sae_total,
@@ -168,6 +179,10 @@ def main() -> None:
     parser.add_argument("--overhead-rows", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--dtype", default="auto", help="model dtype of the correlation part (SAEFeatures.dtype)"
+    )
+    parser.add_argument("--overhead-dtypes", nargs="+", default=["auto", "float32"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/hf_dataselect_bench_sae"))
     parser.add_argument("--skip-correlation", action="store_true")
@@ -192,7 +207,8 @@ def main() -> None:
         "screen_stats": dict(kernels.SCREEN_STATS),
     }
     if not args.skip_correlation:
-        report["length_correlation"] = length_correlations(args, options)
+        report["length_correlation"] = length_correlations(args, {**options, "dtype": args.dtype})
+    report["load_average_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1))
     print(f"Wrote {args.output}")

@@ -17,7 +17,14 @@ runs in a fresh subprocess and reports its own peak RSS):
 * ``greedy``: ``sae-greedy`` (inverted algorithm) on the full pool with ``--greedy-budget``.
 * ``greedy-speedup``: on ``--speedup-rows`` rows, the inverted and lazy variants against the plain greedy
   (every row re-evaluated at every step), same picks asserted.
-* ``simscale``: ``sae-simscale`` with δ found by bisection, ``--simscale-budget``.
+* ``simscale``: ``sae-simscale`` on ``--simscale-rows`` rows with ``--simscale-budget``, δ found automatically
+  (or ``--delta``: one pass), with ``--max-latent-frequency`` (stop latents) and ``--sample-size`` (guess δ on
+  a seeded sample first; default ``auto`` = the selector's rule, ``none`` = plain bisection). ``--log-level
+  DEBUG`` prints progress lines within each pass (the parent passes the case's stderr through).
+* ``simscale-walk``: the cost of walking the first ``--walk-rows`` rows of the pool at a fixed ``--delta`` (no
+  budget stop): rows accepted, candidate pairs, seconds. For pools where a whole pass is out of reach.
+* ``simscale-quality``: auto-δ selections with each ``--compare-frequencies`` value against the exact full-set
+  selection: overlap, latents covered, and the full-set Jaccard of the selected pairs.
 
     python benchmarks/bench_sae_selectors.py --cases greedy,greedy-speedup,simscale
 """
@@ -26,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import resource
 import subprocess
 import sys
@@ -111,7 +120,6 @@ def peak_rss_gb() -> float:
 def run_case(args: argparse.Namespace) -> dict:
     """Runs in a fresh process: one case, its time and the process's peak memory."""
     from hf_dataselect.selection.sae_greedy import greedy_coverage, plain_greedy_coverage
-    from hf_dataselect.selection.sae_simscale import simscale
 
     if args.case == "greedy":
         features = cached_features(args, args.rows)
@@ -153,23 +161,132 @@ def run_case(args: argparse.Namespace) -> dict:
             "peak_rss_gb": peak_rss_gb(),
         }
     if args.case == "simscale":
-        features = cached_features(args, args.simscale_rows or args.rows)
-        base = peak_rss_gb()
-        started = time.perf_counter()
-        outcome = simscale(features, args.simscale_budget, delta_tolerance=args.delta_tolerance)
-        seconds = time.perf_counter() - started
-        return {
-            "case": "sae-simscale (jaccard, auto δ)",
-            "rows": features.n_rows,
-            "budget": args.simscale_budget,
-            "seconds": seconds,
-            "peak_rss_gb": peak_rss_gb(),
-            "rss_before_gb": base,
-            "delta": outcome.final.delta,
-            "passes": outcome.steps,
-            "selected": len(outcome.final.positions),
-        }
+        return simscale_case(args)
+    if args.case == "simscale-walk":
+        return simscale_walk_case(args)
+    if args.case == "simscale-quality":
+        return simscale_quality_case(args)
     raise SystemExit(f"unknown case {args.case}")
+
+
+def simscale_case(args: argparse.Namespace) -> dict:
+    from hf_dataselect.selection.sae_simscale import default_sample_size, simscale
+
+    features = cached_features(args, args.simscale_rows or args.rows)
+    budget = args.simscale_budget
+    sample = default_sample_size(features.n_rows) if args.sample_size == "auto" else args.sample_size
+    base = peak_rss_gb()
+    started = time.perf_counter()
+    outcome = simscale(
+        features,
+        budget,
+        delta=args.delta,
+        delta_tolerance=args.delta_tolerance,
+        max_latent_frequency=args.max_latent_frequency,
+        sample_size=sample,
+        seed=args.seed,
+    )
+    seconds = time.perf_counter() - started
+    return {
+        "case": f"sae-simscale (jaccard, {'given δ' if args.delta is not None else 'auto δ'})",
+        "rows": features.n_rows,
+        "budget": budget,
+        "max_latent_frequency": args.max_latent_frequency,
+        "sample_size": sample,
+        "seconds": seconds,
+        "load_average": os.getloadavg()[0],
+        "peak_rss_gb": peak_rss_gb(),
+        "rss_before_gb": base,
+        "delta": outcome.final.delta,
+        "full_passes": len(outcome.steps),
+        "passes": outcome.steps,
+        "sample_passes": outcome.sample_steps,
+        "selected": len(outcome.final.positions),
+    }
+
+
+def simscale_walk_case(args: argparse.Namespace) -> dict:
+    from hf_dataselect.selection.sae_simscale import SimScaleIndex, simscale_pass
+
+    features = cached_features(args, args.simscale_rows or args.rows)
+    index = SimScaleIndex.build(features, "jaccard", args.max_latent_frequency)
+    walked = index.take(np.arange(min(args.walk_rows, index.n)))
+    started = time.perf_counter()
+    outcome = simscale_pass(walked, args.delta, walked.n)
+    return {
+        "case": "sae-simscale walk (jaccard, fixed δ)",
+        "rows": features.n_rows,
+        "max_latent_frequency": args.max_latent_frequency,
+        "informative_latents_per_row": float(index.sizes.mean()),
+        "delta": args.delta,
+        "walked": walked.n,
+        "accepted": len(outcome.positions),
+        "candidate_pairs": outcome.candidate_pairs,
+        "verified_pairs": outcome.verified_pairs,
+        "seconds": time.perf_counter() - started,
+        "load_average": os.getloadavg()[0],
+        "peak_rss_gb": peak_rss_gb(),
+    }
+
+
+def simscale_quality_case(args: argparse.Namespace) -> dict:
+    """Stop-latent selections against the exact full-set one, on the same pool and budget."""
+    from hf_dataselect.selection.sae_simscale import simscale
+
+    features = cached_features(args, args.simscale_rows or args.rows)
+    budget = args.simscale_budget
+    rng = np.random.default_rng(args.seed)
+    selections = {"random": rng.choice(features.n_rows, size=budget, replace=False)}
+    deltas, seconds = {}, {}
+    for frequency in [None, *args.compare_frequencies]:
+        started = time.perf_counter()
+        outcome = simscale(
+            features, budget, max_latent_frequency=frequency, delta_tolerance=args.delta_tolerance
+        )
+        seconds[str(frequency)] = time.perf_counter() - started
+        selections[str(frequency)] = outcome.final.positions
+        deltas[str(frequency)] = outcome.final.delta
+    exact = set(selections["None"].tolist())
+    report = {}
+    for name, rows in selections.items():
+        similarities = full_set_jaccard_of_pairs(features, rows, rng, pairs=args.quality_pairs)
+        report[name] = {
+            "delta": deltas.get(name),
+            "seconds": seconds.get(name),
+            "overlap_with_exact": len(exact & set(rows.tolist())) / budget,
+            "latents_covered": int(features.covered(rows).sum()),
+            "full_jaccard_mean": float(similarities.mean()),
+            "full_jaccard_p99": float(np.quantile(similarities, 0.99)),
+            "share_above_exact_delta": float(np.mean(similarities >= deltas["None"])),
+        }
+    return {
+        "case": "sae-simscale quality (stop latents vs full set)",
+        "rows": features.n_rows,
+        "budget": budget,
+        "selections": report,
+    }
+
+
+def full_set_jaccard_of_pairs(
+    features: SparseFeatures, rows: np.ndarray, rng: np.random.Generator, *, pairs: int
+) -> np.ndarray:
+    """Jaccard on the full latent sets of random pairs of distinct selected rows."""
+    first, second = rng.integers(0, len(rows), size=(2, pairs))
+    keep = first != second
+    values = []
+    for a, b in zip(rows[first[keep]], rows[second[keep]], strict=True):
+        x, y = features.row(int(a)), features.row(int(b))
+        shared = len(np.intersect1d(x, y, assume_unique=True))
+        values.append(shared / (len(x) + len(y) - shared))
+    return np.asarray(values)
+
+
+def optional_float(value: str) -> float | None:
+    return None if value == "none" else float(value)
+
+
+def sample_size(value: str) -> int | str | None:
+    return value if value == "auto" else None if value == "none" else int(value)
 
 
 def main() -> None:
@@ -187,18 +304,40 @@ def main() -> None:
     parser.add_argument("--simscale-budget", type=int, default=100_000)
     parser.add_argument("--simscale-rows", type=int, help="pool size of the simscale case (default: --rows)")
     parser.add_argument("--delta-tolerance", type=float, default=5e-3)
+    parser.add_argument("--delta", type=float, help="simscale: a given δ (one pass); simscale-walk: the δ")
+    parser.add_argument(
+        "--max-latent-frequency", type=optional_float, default=None, help="stop latents (none: every latent)"
+    )
+    parser.add_argument(
+        "--sample-size",
+        type=sample_size,
+        default="auto",
+        help="simscale: rows of the sample that guesses δ first: a count, 'auto' (the selector's rule), 'none'",
+    )
+    parser.add_argument("--walk-rows", type=int, default=100_000)
+    parser.add_argument(
+        "--compare-frequencies", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.1]
+    )
+    parser.add_argument("--quality-pairs", type=int, default=20_000)
     parser.add_argument("--cases", default="greedy,greedy-speedup,simscale")
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="INFO: one line per SimScale pass; DEBUG: also progress within a pass",
+    )
     parser.add_argument("--json", type=Path, help="append each case's result as a JSON line to this file")
     args = parser.parse_args()
     if args.case:
+        # progress of the SimScale passes goes to stderr, which the parent passes through (live logs)
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(message)s", stream=sys.stderr)
         print(json.dumps(run_case(args)), flush=True)
         return
     for case in args.cases.split(","):
         command = [sys.executable, __file__, *sys.argv[1:], "--case", case]
-        finished = subprocess.run(command, capture_output=True, text=True, check=False)
+        finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
         if finished.returncode != 0:
-            print(f"{case}: failed\n{finished.stderr[-3000:]}", flush=True)
+            print(f"{case}: failed (exit {finished.returncode}; its stderr is above)", flush=True)
             continue
         line = finished.stdout.strip().splitlines()[-1]
         print(line, flush=True)

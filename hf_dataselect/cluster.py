@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_dataselect import atomic
 from hf_dataselect.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -111,14 +112,12 @@ class KMeans:
         from safetensors.numpy import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(
-            {"centroids": np.ascontiguousarray(self.centroids, dtype=np.float32)},
-            str(tmp),
-            metadata={"hf_dataselect_kmeans": json.dumps(self.metadata())},
-        )
-        os.replace(tmp, path)
+        with atomic.writing(path) as temporary:
+            save_file(
+                {"centroids": np.ascontiguousarray(self.centroids, dtype=np.float32)},
+                str(temporary),
+                metadata={"hf_dataselect_kmeans": json.dumps(self.metadata())},
+            )
         return path
 
     @classmethod
@@ -248,6 +247,12 @@ def choose_k(
         scores[k] = float(silhouette_score(sample, labels)) if len(np.unique(labels)) > 1 else -1.0
         logger.info("silhouette k=%d: %.4f", k, scores[k])
     best = max(grid, key=lambda k: (scores[k], -k))
+    if len(grid) > 1 and best == grid[-1]:
+        logger.warning(
+            "The best silhouette is at the largest candidate k=%d; a larger k might score higher. Pass "
+            "candidates (k_grid) that extend beyond it, or give k.",
+            best,
+        )
     return best, scores
 
 

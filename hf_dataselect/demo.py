@@ -601,8 +601,9 @@ def demo_pool_path(n_rows: int = DEMO_ROWS, seed: int = 0, cache_dir: str | None
     """
     import json
     import os
-    import tempfile
     from pathlib import Path
+
+    from hf_dataselect import atomic
 
     folder = Path(
         cache_dir or os.environ.get("HF_DATASELECT_CACHE", Path.home() / ".cache" / "hf_dataselect")
@@ -610,10 +611,6 @@ def demo_pool_path(n_rows: int = DEMO_ROWS, seed: int = 0, cache_dir: str | None
     path = folder / "demo" / f"demo-pool-{n_rows}-seed{seed}.jsonl"
     if path.is_file():
         return str(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".demo-", suffix=".jsonl", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        for row in demo_rows(n_rows, seed):
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in demo_rows(n_rows, seed))
+    atomic.write_text(path, "".join(lines))
     return str(path)

@@ -14,7 +14,6 @@ data (:meth:`CoverageReport.to_dict`) and markdown (:meth:`CoverageReport.to_mar
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hf_dataselect import atomic
 from hf_dataselect.errors import InputError
 
 if TYPE_CHECKING:
@@ -97,18 +97,8 @@ class CoverageReport:
     def save(self, folder: str | os.PathLike, name: str = "interpretation") -> tuple[Path, Path]:
         """Write ``<name>.md`` and ``<name>.json`` into ``folder`` (each atomically)."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        written = []
-        for suffix, text in (
-            (".md", self.to_markdown()),
-            (".json", json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"),
-        ):
-            target = folder / f"{name}{suffix}"
-            temporary = target.with_name(f".{target.name}.tmp")
-            temporary.write_text(text)
-            os.replace(temporary, target)
-            written.append(target)
-        return written[0], written[1]
+        markdown = atomic.write_text(folder / f"{name}.md", self.to_markdown())
+        return markdown, atomic.write_json(folder / f"{name}.json", self.to_dict())
 
 
 def explain_coverage(

@@ -131,6 +131,18 @@ def test_choose_k_recovers_the_true_k():
     assert scores[6] == max(scores.values()) and scores[6] > 0.8
 
 
+def test_choose_k_warns_when_the_best_k_is_the_largest_candidate(caplog):
+    x, _ = blobs(n=1500, centres=6, dim=10, spread=0.5, seed=8)
+    with caplog.at_level("WARNING", logger="hf_dataselect.cluster"):
+        best, _ = choose_k(x, [2, 3, 4], seed=0)
+    assert best == 4
+    assert "largest candidate k=4" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_dataselect.cluster"):
+        choose_k(x, list(range(2, 11)), seed=0)
+    assert "largest candidate" not in caplog.text
+
+
 def test_choose_k_on_a_sample_and_default_grid():
     x, _ = blobs(n=3000, centres=3, dim=4, spread=0.3, seed=9)
     best, scores = choose_k(x, [2, 3, 4, 5], sample_size=600, seed=1)

@@ -73,7 +73,12 @@ def _reference(model_path, sae_folder, texts, threshold):
 @pytest.mark.parametrize("threshold", [None, 0.5])
 def test_features_match_a_naive_reference(tiny_llama_path, sae_folder, pool, threshold):
     transform = SAEFeatures(
-        model=str(tiny_llama_path), sae=str(sae_folder), hookpoint=0, threshold=threshold, batch_size=4
+        model=str(tiny_llama_path),
+        sae=str(sae_folder),
+        hookpoint=0,
+        threshold=threshold,
+        batch_size=4,
+        dtype="float32",
     )
     out = pool.map(transform, batched=True, batch_size=4)
     assert out.features["sae_indices"] == datasets.List(datasets.Value("int32"))
@@ -87,6 +92,28 @@ def test_features_match_a_naive_reference(tiny_llama_path, sae_folder, pool, thr
         assert row["sae_n_active"] == len(indices)
     if threshold:
         assert min(min(v) for v in out["sae_values"] if v) > threshold
+
+
+def test_auto_dtype_runs_the_model_in_the_fast_inference_dtype(tiny_llama_path, sae_folder, monkeypatch):
+    from hf_dataselect import models
+
+    monkeypatch.setattr(models, "fast_inference_dtype", lambda device: torch.bfloat16)
+    texts = [join_parts(p, r) for p, r in zip(ROWS["instruction"], ROWS["output"], strict=True)]
+    options = dict(model=str(tiny_llama_path), sae=str(sae_folder), hookpoint=0)
+    fast = SAEFeatures(**options)
+    assert (
+        fast.model_dtype() == torch.bfloat16
+        and SAEFeatures(**options, dtype="fp32").model_dtype() == torch.float32
+    )
+    indices, values, counts = fast.encode(texts)
+    assert next(fast.runtime().reader.model.parameters()).dtype == torch.bfloat16
+    assert fast.runtime().sae.dtype == torch.float32  # the SAE encodes the bf16 hidden states cast to float32
+    assert all(v.dtype == np.float32 and i.dtype == np.int32 for i, v in zip(indices, values, strict=True))
+    exact_indices, _, exact_counts = SAEFeatures(**options, dtype="float32").encode(texts)
+    overlap = [
+        len(np.intersect1d(a, b)) / len(np.union1d(a, b)) for a, b in zip(indices, exact_indices, strict=True)
+    ]
+    assert min(overlap) > 0.5 and np.corrcoef(counts, exact_counts)[0, 1] > 0.9
 
 
 def test_second_identical_map_is_a_cache_hit(tiny_llama_path, sae_folder, pool):

@@ -1,6 +1,9 @@
-"""SAE-SimScale: equal to the quadratic definition, never keeps a pair at or above δ, exact budget."""
+"""SAE-SimScale: equal to the quadratic definition (also with stop latents), never keeps a pair at or above δ,
+exact budget with δ found automatically (also when a sample brackets it first), deterministic."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_dataselect.errors import InputError
+from hf_dataselect.selection import sae_simscale
 from hf_dataselect.selection.sae_simscale import SimScaleIndex, simscale, simscale_pass
 from hf_dataselect.selection.sparse_features import SparseFeatures
 
@@ -26,9 +30,22 @@ def brute_similarity(rows, values, i, j, kind):
     return sum(va[k] * vb[k] for k in a & b) / (na * nb)
 
 
-def brute_simscale(rows, values, delta, budget, kind):
-    """The definition: walk by |A| desc (then position), keep a row if below δ to every kept row."""
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+def without_stop_latents(rows, values, max_latent_frequency):
+    """Rows (and values) without the latents active in more than that fraction of the rows."""
+    if max_latent_frequency is None:
+        return rows, values
+    counts = Counter(latent for row in rows for latent in row)
+    keep = [
+        [k for k, latent in enumerate(row) if counts[latent] <= max_latent_frequency * len(rows)]
+        for row in rows
+    ]
+    return [[row[k] for k in ks] for row, ks in zip(rows, keep, strict=True)], [
+        [v[k] for k in ks] for v, ks in zip(values, keep, strict=True)
+    ]
+
+
+def brute_walk(order, rows, values, delta, budget, kind):
+    """Walk ``order``; keep a row if its similarity to every kept row is below δ."""
     if delta <= 0:
         return order[:1]
     kept = []
@@ -40,6 +57,12 @@ def brute_simscale(rows, values, delta, budget, kind):
     return kept
 
 
+def brute_simscale(rows, values, delta, budget, kind, max_latent_frequency=None):
+    """The definition: walk by |A| desc (then position), the similarity computed without the stop latents."""
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+    return brute_walk(order, *without_stop_latents(rows, values, max_latent_frequency), delta, budget, kind)
+
+
 @st.composite
 def instances(draw):
     n = draw(st.integers(1, 40))
@@ -47,36 +70,106 @@ def instances(draw):
     rows = [sorted(draw(st.sets(st.integers(0, latents - 1), max_size=min(latents, 8)))) for _ in range(n)]
     values = [draw(st.lists(st.floats(0.05, 4.0), min_size=len(r), max_size=len(r))) for r in rows]
     delta = draw(st.sampled_from([0.0, 0.1, 0.2, 0.25, 1 / 3, 0.4, 0.5, 0.6, 2 / 3, 0.75, 0.9, 1.0, 1.5]))
-    return rows, values, latents, delta, draw(st.integers(1, n)), draw(st.sampled_from(["jaccard", "cosine"]))
+    kind = draw(st.sampled_from(["jaccard", "cosine"]))
+    stop = draw(st.sampled_from([None, None, 0.1, 0.25, 0.5, 0.75, 1.0]))
+    return rows, values, latents, delta, draw(st.integers(1, n)), kind, stop
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(instances(), st.sampled_from([1, 3, None]))
 def test_pass_equals_the_quadratic_definition(instance, block):
-    rows, values, latents, delta, budget, kind = instance
+    rows, values, latents, delta, budget, kind, stop = instance
     features = SparseFeatures.from_lists(rows, values, num_latents=latents)
-    walk = simscale_pass(SimScaleIndex(features, kind), delta, budget, block=block)
-    assert walk.positions.tolist() == brute_simscale(rows, values, delta, budget, kind)
+    walk = simscale_pass(SimScaleIndex.build(features, kind, stop), delta, budget, block=block)
+    assert walk.positions.tolist() == brute_simscale(rows, values, delta, budget, kind, stop)
 
 
 @settings(max_examples=150, deadline=None)
-@given(instances())
-def test_auto_delta_hits_the_budget_and_no_kept_pair_reaches_delta(instance):
-    rows, values, latents, _, budget, kind = instance
+@given(instances(), st.sampled_from([1, 3, None]), st.integers(1, 6), st.integers(1, 30))
+def test_pass_is_the_same_with_tiny_index_segments_and_probe_chunks(instance, block, segment, chunk):
+    # many segments (rows in conflict skip the later ones), many small sparse products per block
+    rows, values, latents, delta, budget, kind, stop = instance
     features = SparseFeatures.from_lists(rows, values, num_latents=latents)
-    outcome = simscale(features, budget, similarity=kind)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sae_simscale, "_SEGMENT_ENTRIES", segment)
+        patch.setattr(sae_simscale, "_CHUNK_POSTINGS", chunk)
+        patch.setattr(sae_simscale, "_LOOKUP_ENTRIES", chunk)
+        patch.setattr(sae_simscale, "_TAIL_ROWS", segment)  # cosine tail norms in chunks of a few rows
+        walk = simscale_pass(SimScaleIndex.build(features, kind, stop), delta, budget, block=block)
+    assert walk.positions.tolist() == brute_simscale(rows, values, delta, budget, kind, stop)
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances(), st.integers(0, 40), st.integers(0, 3))
+def test_auto_delta_hits_the_budget_and_no_kept_pair_reaches_delta(instance, sample_size, seed):
+    rows, values, latents, _, budget, kind, stop = instance
+    features = SparseFeatures.from_lists(rows, values, num_latents=latents)
+    sample = sample_size if 0 < sample_size < len(rows) else None
+    outcome = simscale(
+        features, budget, similarity=kind, max_latent_frequency=stop, sample_size=sample, seed=seed
+    )
     kept = outcome.final.positions.tolist()
     assert len(kept) == budget and len(set(kept)) == budget
     delta = outcome.final.delta
+    # the result is the full pass at the δ found, whatever the sample suggested
+    assert kept == brute_simscale(rows, values, delta, budget, kind, stop)
+    filtered_rows, filtered_values = without_stop_latents(rows, values, stop)
     for a in range(len(kept)):
         for b in range(a):
-            assert brute_similarity(rows, values, kept[a], kept[b], kind) < delta
-    # the reported max similarity is the true maximum whenever some earlier pick is a candidate ...
+            assert brute_similarity(filtered_rows, filtered_values, kept[a], kept[b], kind) < delta
+    # the reported max similarity is the true maximum whenever some earlier pick is a candidate
     for rank, row in enumerate(kept):
-        truth = max((brute_similarity(rows, values, row, kept[j], kind) for j in range(rank)), default=0.0)
+        truth = max(
+            (brute_similarity(filtered_rows, filtered_values, row, kept[j], kind) for j in range(rank)),
+            default=0.0,
+        )
         assert outcome.final.max_similarity[rank] <= truth + 1e-12
-    # ... and every pass of the bisection is recorded
-    assert outcome.steps[-1]["delta"] in {s["delta"] for s in outcome.steps}
+    assert bool(outcome.sample_steps) == (sample is not None and sample >= 2 and budget > 1)
+    again = simscale(
+        features, budget, similarity=kind, max_latent_frequency=stop, sample_size=sample, seed=seed
+    )
+    assert again.final.positions.tolist() == kept
+    assert [step["delta"] for step in again.steps] == [step["delta"] for step in outcome.steps]
+
+
+@settings(max_examples=100, deadline=None)
+@given(instances(), st.data())
+def test_a_sample_index_is_the_pool_index_restricted_to_the_sample(instance, data):
+    rows, values, latents, delta, budget, kind, stop = instance
+    features = SparseFeatures.from_lists(rows, values, num_latents=latents)
+    walk_rows = np.array(
+        sorted(data.draw(st.sets(st.integers(0, len(rows) - 1), min_size=1))), dtype=np.int64
+    )
+    index = SimScaleIndex.build(features, kind, stop)
+    sample = index.take(walk_rows)
+    pool_rows = index.order[walk_rows].tolist()  # the sample keeps the pool's walk order and stop latents
+    room = min(budget, len(walk_rows))
+    walk = simscale_pass(sample, delta, room)
+    assert walk.positions.tolist() == brute_walk(
+        pool_rows, *without_stop_latents(rows, values, stop), delta, room, kind
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(instances(), st.sampled_from([-0.5, -0.1, 0.0, 0.1, 0.3, 0.6]), st.data())
+def test_cosine_with_negative_values_follows_the_definition(instance, delta, data):
+    # negative activations make negative cosines possible, so even δ <= 0 can accept several rows; checked as
+    # the definition up to float rounding: a kept row is below δ to every earlier kept row, a skipped row not
+    rows, _, latents, _, budget, _, stop = instance
+    values = [[v * data.draw(st.sampled_from([-1.0, 1.0])) for v in row] for row in instance[1]]
+    features = SparseFeatures.from_lists(rows, values, num_latents=latents)
+    kept = simscale_pass(SimScaleIndex.build(features, "cosine", stop), delta, budget).positions.tolist()
+    filtered_rows, filtered_values = without_stop_latents(rows, values, stop)
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+    walked = order[: order.index(kept[-1]) + 1] if len(kept) == budget else order
+    assert kept == [i for i in walked if i in kept]
+    for i in walked:
+        earlier = kept[: kept.index(i)] if i in kept else [j for j in kept if order.index(j) < order.index(i)]
+        sims = [brute_similarity(filtered_rows, filtered_values, i, j, "cosine") for j in earlier]
+        if i in kept:
+            assert all(sim < delta + 1e-9 for sim in sims)
+        else:
+            assert any(sim >= delta - 1e-9 for sim in sims)
 
 
 def test_exact_small_selection_and_ties():
@@ -99,6 +192,18 @@ def test_given_delta_that_cannot_reach_the_budget_is_an_input_error():
     assert outcome.final.positions.tolist() == [0, 1] and outcome.final.delta > 1.0
 
 
+def test_nonpositive_delta_on_negative_cosines():
+    # row order: 0 (3 latents), 1, 2 (2 latents); cos(1, 0) = -1/√3 < 0, cos(2, 0) = 0 (no shared latent)
+    features = SparseFeatures.from_lists(
+        [[0, 1, 2], [0, 3], [4, 5]], [[1.0, 1.0, 1.0], [-1.5, 0.0], [1.0, 1.0]]
+    )
+    index = SimScaleIndex.build(features, "cosine")
+    assert simscale_pass(index, 0.0, 3).positions.tolist() == [0, 1]
+    assert simscale_pass(index, -0.6, 3).positions.tolist() == [0]
+    nonnegative = SimScaleIndex.build(SparseFeatures.from_lists([[0], [1]], [[1.0], [1.0]]), "cosine")
+    assert simscale_pass(nonnegative, 0.0, 2).positions.tolist() == [0]
+
+
 def test_empty_rows_count_as_identical():
     features = SparseFeatures.from_lists([[0], [], [], [1]])
     assert simscale(features, 3, delta=0.5).final.positions.tolist() == [0, 3, 1]
@@ -108,7 +213,7 @@ def test_empty_rows_count_as_identical():
 
 def test_cosine_needs_values():
     with pytest.raises(InputError, match="values"):
-        SimScaleIndex(SparseFeatures.from_lists([[0]]), "cosine")
+        SimScaleIndex.build(SparseFeatures.from_lists([[0]]), "cosine")
 
 
 def _pool():
@@ -136,6 +241,12 @@ def test_select_sae_simscale(tmp_path):
     assert given.positions.tolist() == [0, 2, 3] and given.info["delta_found_by"] == "given"
     cosine = select(_pool(), "sae-simscale", budget=2, similarity="cosine")
     assert len(cosine.positions) == 2
+    # J(row 0, row 1) = 3/5; latent 0 is in 3 of the 5 rows, and without it J = 2/4 < 0.6
+    assert select(_pool(), "sae-simscale", budget=3, delta=0.6).positions.tolist() == [0, 2, 3]
+    stopped = select(_pool(), "sae-simscale", budget=3, delta=0.6, max_latent_frequency=0.5)
+    assert stopped.positions.tolist() == [0, 1, 2] and stopped.info["stop_latents"] == 1
+    sampled = select(_pool(), "sae-simscale", budget=3, delta_sample_size=2, seed=3)
+    assert sampled.positions.tolist() == result.positions.tolist() and sampled.info["sample_passes"]
     assert (result.save(tmp_path / "out") / "coverage_curve.png").is_file()
 
 
@@ -148,3 +259,9 @@ def test_select_sae_simscale_bad_options():
         select(_pool(), "sae-simscale", budget=2, delta="high")
     with pytest.raises(InputError, match="delta_tolerance"):
         select(_pool(), "sae-simscale", budget=2, delta_tolerance=0)
+    for bad in (0, 1.5, -0.1, True, "often"):
+        with pytest.raises(InputError, match="max_latent_frequency"):
+            select(_pool(), "sae-simscale", budget=2, max_latent_frequency=bad)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(InputError, match="delta_sample_size"):
+            select(_pool(), "sae-simscale", budget=2, delta_sample_size=bad)

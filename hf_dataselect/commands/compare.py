@@ -22,9 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hf_dataselect import atomic
 from hf_dataselect.commands._parser import make_parser, parse_budget
 from hf_dataselect.commands._pool import PoolArguments, positional_data
 from hf_dataselect.errors import InputError
@@ -277,14 +275,8 @@ def prepare_pool(
         }
         pool = add_sae_features(pool, **{k: v for k, v in sae_options.items() if v is not None})
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
-        try:
+        with atomic.staging_folder(cache) as staging:
             pool.save_to_disk(str(staging))
-            os.replace(staging, cache)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         import datasets
 
         pool = datasets.load_from_disk(str(cache))
@@ -500,21 +492,13 @@ def to_json(comparison: Comparison) -> dict[str, Any]:
 
 def write_outputs(comparison: Comparison, output: Path, args: CompareArguments) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    _atomic_write(
-        output / "compare.json", json.dumps(to_json(comparison), indent=2, ensure_ascii=False) + "\n"
-    )
+    atomic.write_json(output / "compare.json", to_json(comparison))
     header = [name for name, _ in _COLUMNS]
     markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     markdown += ["| " + " | ".join(r) + " |" for r in table_rows(comparison)]
-    _atomic_write(output / "compare.md", "\n".join(markdown) + "\n")
+    atomic.write_text(output / "compare.md", "\n".join(markdown) + "\n")
     if not args.no_figures:
         draw_figures(comparison, output)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def draw_figures(comparison: Comparison, output: Path) -> list[Path]:

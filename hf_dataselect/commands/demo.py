@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hf_dataselect import atomic
 from hf_dataselect.commands._parser import make_parser
 from hf_dataselect.demo import DEMO_ROWS, demo_rows
 
@@ -33,11 +32,6 @@ def main(argv: Sequence[str]) -> int:
     if target.exists() and not args.overwrite:
         raise InputError(f"{target} exists; pass --overwrite to replace it.")
     rows = demo_rows(args.rows, args.seed)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, target)
+    atomic.write_text(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     print(f"Wrote {len(rows)} rows to {target}.")
     return 0

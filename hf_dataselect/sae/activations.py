@@ -256,10 +256,13 @@ def load_reader(
     max_length: int | None = None,
     batch_size: int = 32,
     device: str | None = None,
-    dtype: str | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
     trust_remote_code: bool = False,
 ) -> HiddenStateReader:
-    """Load ``model`` (``None``: the offline all-MiniLM-L6-v2) and its tokenizer into a reader."""
+    """Load ``model`` (``None``: the offline all-MiniLM-L6-v2) and its tokenizer into a reader.
+
+    ``dtype``: a name (``"auto"``: fp32 on CPU, see :func:`hf_dataselect.models.resolve_dtype`) or a torch dtype.
+    """
     from hf_dataselect import models
 
     tokenizer = models.load_tokenizer(model, trust_remote_code=trust_remote_code)

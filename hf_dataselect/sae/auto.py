@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_dataselect import atomic
 from hf_dataselect.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -222,10 +223,7 @@ def cached_threshold(
 
 
 def store_threshold(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + f".partial-{os.getpid()}")
-    partial.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(partial, path)
+    atomic.write_text(path, json.dumps(record, indent=1, default=str))
 
 
 def file_sha256(path: Path) -> str:

@@ -32,10 +32,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hf_dataselect import atomic
 from hf_dataselect.errors import InputError
 
 if TYPE_CHECKING:
@@ -95,22 +95,16 @@ def save_sae(
     check_hookpoint_folder_name(name)
     root = Path(folder)
     target = root / name
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    tensors = {key: value.detach().contiguous().cpu() for key, value in sae.state_dict().items()}
-    save_file(tensors, str(partial / SPARSIFY_WEIGHTS), metadata={"format": "pt"})
-    _write_json(partial / CONFIG_FILE, sparsify_config(sae))
     metadata = {**sae.metadata, "hookpoint": name}
     metadata.setdefault("library", "hf_dataselect")
     metadata.setdefault("library_version", __version__)
-    _write_json(partial / METADATA_FILE, {"config": sae.cfg.to_dict(), "metadata": metadata})
-    previous = target.with_name(target.name + ".old")
-    shutil.rmtree(previous, ignore_errors=True)
-    if target.exists():
-        os.replace(target, previous)
-    os.replace(partial, target)
-    shutil.rmtree(previous, ignore_errors=True)
+    tensors = {key: value.detach().contiguous().cpu() for key, value in sae.state_dict().items()}
+    with atomic.staging_folder(target, name=target.name + ".partial") as partial:
+        save_file(tensors, str(partial / SPARSIFY_WEIGHTS), metadata={"format": "pt"})
+        atomic.write_json(partial / CONFIG_FILE, sparsify_config(sae), ensure_ascii=True)
+        atomic.write_json(
+            partial / METADATA_FILE, {"config": sae.cfg.to_dict(), "metadata": metadata}, ensure_ascii=True
+        )
     if model_card:
         write_model_card(root)
     return target
@@ -126,10 +120,7 @@ def write_model_card(root: str | os.PathLike, **card_options: Any) -> Path:
         raise InputError(f"{root} holds no SAE folder to describe.")
     card_options.setdefault("location", str(root))
     text = render_model_card(entries, **card_options)
-    partial = root / (MODEL_CARD + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, root / MODEL_CARD)
-    return root / MODEL_CARD
+    return atomic.write_text(root / MODEL_CARD, text)
 
 
 def read_metadata(folder: Path) -> dict[str, Any]:
@@ -157,10 +148,6 @@ def check_hookpoint_folder_name(name: str) -> None:
     parts = Path(name).parts
     if not parts or Path(name).is_absolute() or any(p in ("..", ".") for p in parts):
         raise InputError(f"Hookpoint {name!r} cannot be used as a folder name inside the output folder.")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 # -- finding the folder -----------------------------------------------------------------------------------------

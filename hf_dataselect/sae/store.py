@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hf_dataselect import atomic
 from hf_dataselect.errors import InputError
 
 if TYPE_CHECKING:
@@ -97,27 +97,23 @@ class DiskActivations:
         if dtype not in _NUMPY_DTYPES:
             raise InputError(f"Activation cache dtype must be one of {list(_NUMPY_DTYPES)}, got {dtype!r}.")
         folder = Path(folder)
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
         num_tokens = 0
         bar = tqdm(total=len(texts), desc="Caching activations", unit="row", disable=not progress)
-        with open(partial / cls.DATA, "wb") as out:
-            for batch in read_rows(reader, texts, progress=bar):
-                array = batch.activations.float().cpu().numpy().astype(_NUMPY_DTYPES[dtype], copy=False)
-                out.write(array.tobytes())
-                num_tokens += array.shape[0]
-        bar.close()
-        info = {
-            "key": key,
-            "num_tokens": num_tokens,
-            "d_in": reader.width,
-            "dtype": dtype,
-            "rows": len(texts),
-        }
-        (partial / cls.INFO).write_text(json.dumps(info))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
+        with atomic.staging_folder(folder, name=folder.name + ".partial") as partial:
+            with open(partial / cls.DATA, "wb") as out:
+                for batch in read_rows(reader, texts, progress=bar):
+                    array = batch.activations.float().cpu().numpy().astype(_NUMPY_DTYPES[dtype], copy=False)
+                    out.write(array.tobytes())
+                    num_tokens += array.shape[0]
+            bar.close()
+            info = {
+                "key": key,
+                "num_tokens": num_tokens,
+                "d_in": reader.width,
+                "dtype": dtype,
+                "rows": len(texts),
+            }
+            (partial / cls.INFO).write_text(json.dumps(info))
         logger.info("Cached %d token activations (%d rows) in %s.", num_tokens, len(texts), folder)
         return cls(folder, info)
 

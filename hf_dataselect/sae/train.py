@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hf_dataselect import atomic
 from hf_dataselect.errors import InputError
 
 if TYPE_CHECKING:
@@ -226,13 +227,6 @@ class SAETrainer:
         """Write ``folder`` atomically: SAE weights, optimizer/trainer tensors, and JSON state."""
         from safetensors.torch import save_file
 
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        save_file(
-            {k: v.detach().contiguous() for k, v in self.sae.state_dict().items()},
-            partial / "sae.safetensors",
-        )
         optimizer_tensors = {"tokens_since_fired": self.tokens_since_fired}
         names = {id(p): n for n, p in self.sae.named_parameters()}
         adam_steps: dict[str, float] = {}
@@ -246,10 +240,6 @@ class SAETrainer:
                 optimizer_tensors[f"adam.{name}.exp_avg_sq"] = param_state["exp_avg_sq"]
                 adam_steps[name] = float(param_state["step"])
         optimizer_tensors.update(tensors)
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in optimizer_tensors.items()},
-            partial / "trainer.safetensors",
-        )
         full_state = {
             **state,
             "step": self.step_count,
@@ -258,13 +248,16 @@ class SAETrainer:
             "config": asdict(self.config),
             "sae_config": self.sae.cfg.to_dict(),
         }
-        (partial / "state.json").write_text(json.dumps(full_state, indent=1))
-        previous = folder.with_name(folder.name + ".old")
-        shutil.rmtree(previous, ignore_errors=True)
-        if folder.exists():
-            os.replace(folder, previous)
-        os.replace(partial, folder)
-        shutil.rmtree(previous, ignore_errors=True)
+        with atomic.staging_folder(folder, name=folder.name + ".partial") as partial:
+            save_file(
+                {k: v.detach().contiguous() for k, v in self.sae.state_dict().items()},
+                partial / "sae.safetensors",
+            )
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in optimizer_tensors.items()},
+                partial / "trainer.safetensors",
+            )
+            (partial / "state.json").write_text(json.dumps(full_state, indent=1))
 
     def load_checkpoint(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Restore weights, Adam state and counters; returns the JSON state and the extra tensors."""

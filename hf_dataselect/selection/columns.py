@@ -34,7 +34,8 @@ class EmbeddingOptions:
     """Encoder used when embeddings are computed (``None``: the offline all-MiniLM-L6-v2)."""
     embedding_text: str = "prompt_response"
     """Text that is embedded when embeddings are computed: ``prompt_response``, ``prompt`` or ``response``."""
-    embedding_batch_size: int = 64
+    embedding_batch_size: int = 128
+    """Rows per encoder forward pass when embeddings are computed (the :class:`~hf_dataselect.Embeddings` default)."""
 
     def needs_embeddings(self, dataset: Dataset) -> bool:
         return self.embedding_column not in dataset.column_names

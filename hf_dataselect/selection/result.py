@@ -20,8 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hf_dataselect import atomic
 from hf_dataselect.errors import InputError
 
 if TYPE_CHECKING:
@@ -145,14 +144,8 @@ class SelectionResult:
             raise InputError(
                 f"{target} already exists and is not empty; pass overwrite=True (CLI: --overwrite)."
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with atomic.staging_folder(target) as staging:
             self._write(staging, figures=figures)
-            _replace_folder(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         logger.info("Saved the selection to %s.", target)
         return target
 
@@ -172,21 +165,6 @@ class SelectionResult:
             from hf_dataselect.selection.report import write_figures
 
             write_figures(self, folder)
-
-
-def _replace_folder(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target``; an existing ``target`` is removed only after the move succeeded."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, backup)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _plain(value: Any) -> Any:

@@ -5,44 +5,78 @@ every row accepted before it is below δ, until the budget is reached. Similarit
 sets (``J(∅, ∅) = 1``), or cosine on the pooled activation values. δ is given, or found by bisection: the
 smallest δ tried (to ``delta_tolerance``) whose pass yields the budget, so the result is exactly the budget.
 
-Exact and near-linear: prefix filtering
----------------------------------------
-Comparing a row with every accepted row is quadratic. Instead latents are ordered globally from rare to
-frequent and each row keeps only a *prefix* of its latents in that order; an inverted index maps latent →
-accepted rows through those prefixes only, and a new row is compared exactly with the accepted rows that share
-a prefix latent with it. The prefix is long enough that no pair at or above δ can be missed:
+Stop latents
+------------
+With ``max_latent_frequency=f`` the latents active in more than a fraction ``f`` of the pool's rows are removed
+from every row before any similarity is computed, like stop words in text deduplication: a latent that fires
+on most rows says little about which rows are redundant, yet with Zipf-shaped frequencies a few dozen such
+latents give every pair of rows a Jaccard of ~0.08 and push the δ that bisection finds down to that noise
+floor. The similarity is then Jaccard (or cosine) on the remaining *informative* latents, and everything
+below is exact for it (a row left without informative latents is identical to every other such row, as
+``J(∅, ∅) = 1``); the walk order still uses the full ``|A_i|``.
 
-* Jaccard: ``J(x, y) >= δ`` implies ``|x ∩ y| >= ⌈δ|x|⌉ = o``. Of the ``|x|`` latents of ``x`` at most ``|x| - o``
-  are outside ``y``, so the first common latent ``a`` (in the global order) is among the first ``|x| - o + 1``
-  latents of ``x``; the same holds for ``y``. Prefix length ``|x| - ⌈δ|x|⌉ + 1``: the most frequent ~δ|x|
-  latents, whose posting lists would be the long ones, are never indexed.
-* cosine (rows L2-normalised): the suffix of ``x`` is its longest tail (in the global order) with norm below
-  δ. If the first common latent ``a`` were in the suffix of ``x``, every common latent would be, and by
-  Cauchy-Schwarz ``cos(x, y) <= ‖x_suffix‖ < δ``. So ``a`` is in both prefixes.
+Exact pass: prefix filtering
+----------------------------
+Comparing a row with every accepted row is quadratic. Latents are ordered globally from rare to frequent,
+each row is stored sorted in that order, and the *prefix* of a row ``y`` is its first latents:
 
-Candidates are then filtered before the exact comparison: a pair whose shared prefix latents already reach δ
-is a certain conflict, and a pair is certainly below δ when even its shared prefix latents plus every latent
-after the last shared one (in both rows) cannot reach δ (the positional filter of PPJoin). Hence the pass
-accepts exactly what the quadratic definition accepts (the tests check it against a
-brute-force reference on random instances), with safety margins on the float boundary that can only lengthen
-prefixes. The cost is the number of candidate pairs: small when δ is high or rows share few rare latents,
-growing towards quadratic as δ falls (a low δ makes prefixes nearly whole rows) and when latent frequencies
-have a heavy (Zipf) tail, where any two rows share a few moderately rare latents. The per-row
-``max_similarity`` is the largest similarity to an earlier pick *among the candidates*; earlier picks that
-were not candidates are certified below δ, so it equals the true maximum whenever that maximum is ≥ δ and is
-a lower bound (still < δ) otherwise.
+* Jaccard: ``J(x, y) >= δ`` implies ``|x ∩ y| >= δ|x ∪ y| >= ⌈δ|y|⌉ = o``. At most ``|y| - o`` latents of
+  ``y`` are outside ``x``, so ``x`` holds one of the first ``|y| - o + 1`` latents of ``y``.
+* cosine (rows L2-normalised): the *suffix* of ``y`` is its longest tail (in the global order) with norm
+  below δ. If ``x`` held no latent of the prefix, every common latent would be in the suffix and, by
+  Cauchy-Schwarz, ``cos(x, y) <= ‖y_suffix‖ < δ``.
 
-Rows are processed in blocks: a block is probed against the index in one vectorised step, pairs inside the
-block are found by a self-join of its prefixes, and the accept/reject decisions inside the block are then made
-in order. The index is a few sorted segments merged like a log-structured merge tree.
+An inverted index holds the prefix latents of the accepted rows. A block of new rows is probed with *all*
+its latents in one sparse matrix product (scipy), which yields, for every accepted ``y`` that shares a latent
+with it, the shared mass ``s = |x ∩ prefix(y)|`` (for cosine the dot product over those latents). By the
+above, no pair at or above δ is missed. The exact similarity is ``s`` plus the overlap of ``x`` with the
+suffix of ``y``, which is short for the pairs that matter; most pairs are settled without it by the bounds
+``s <= |x ∩ y| <= s + min(|suffix(y)|, |x| - s)`` (cosine: ``<= s + ‖y_suffix‖``). The index is cut into
+segments probed one after the other; a row found in conflict is rejected for good, so it skips the later
+segments and the pairs inside its block (a rejected row blocks nobody). Pairs among the block's other rows
+are found by the same product of those rows with their own prefixes, and their decisions are then made in
+walk order. Hence a pass accepts exactly what the quadratic definition accepts (the tests check it against a
+brute-force reference on random instances); float margins on the prefix boundaries can only lengthen
+prefixes.
+
+The per-row ``max_similarity`` is the largest similarity to an earlier pick *among the candidates* (exact,
+or the lower bound ``s`` where the upper bound already settled the pair below δ); earlier picks that were
+not candidates are certified below δ, so it equals the true maximum whenever that maximum is ≥ δ and is a
+lower bound (still < δ) otherwise.
+
+Cost: the probe touches, per new row, the accepted rows that hold its latents in their prefixes. When δ is
+high, prefixes are the rare latents and the pass is near-linear. When δ is low, prefixes are nearly whole
+rows and a pass costs about ``rows walked × rows accepted × P(two rows share an informative latent)``
+candidate pairs (a rejected row stops at the first index segment that holds a conflict, a constant factor),
+which no prefix, size or positional filter removes (nor MinHash-LSH: at such δ its candidates are most pairs
+too). The δ that bisection finds for a budget of 10 % of a pool is low, so that regime is the common one;
+stop latents shrink ``P`` (benchmarks/results/sae_selectors.md).
+
+Finding δ
+---------
+Bisection keeps a δ whose full pass fails (yields fewer than the budget) and one whose pass succeeds. With a
+sample (``sample_size`` rows drawn with the seed), it first guesses δ from whole passes on the sample and on
+half of it (the yield grows less than linearly with the rows walked; the growth measured between the two is
+extrapolated to the pool), then gallops on the full pool from that guess with steps ``delta_tolerance,
+2·delta_tolerance, ...`` until it brackets the answer, and bisects the bracket. The result is always a full
+pass, so the budget and every guarantee above hold exactly whatever the sample says; a good guess only saves
+full passes. The δ found may be another point meeting the same criterion (a failing δ at most
+``delta_tolerance`` below it) than the sample-free search finds, so the selection can differ slightly.
+
+At δ <= 0 every pair sharing no latent is at or above δ (similarity 0): only the first row is kept, except
+with cosine on values that can be negative, where a row with a negative cosine to every kept row is kept too
+(a direct walk, as the index cannot help there).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -52,15 +86,23 @@ from hf_dataselect.selection.sae_greedy import coverage_info
 from hf_dataselect.selection.sparse_features import DEFAULT_VALUES_COLUMN, SAEFeatureOptions, SparseFeatures
 
 if TYPE_CHECKING:
+    import scipy.sparse
     from datasets import Dataset
 
 logger = logging.getLogger("hf_dataselect.selection")
 
 SIMILARITIES = ("jaccard", "cosine")
 _BLOCK = 1024  # rows decided per vectorised block
+_TABLE_BYTES = 1 << 27  # the block's dense lookup table (rows × informative latents) stays under 128 MB
 _SORT_CHUNK = 1 << 22  # entries re-sorted at a time when the rank-ordered copy of the rows is built
-_VERIFY_ENTRIES = 1 << 18  # latent lookups per vectorised verification chunk
+_LOOKUP_ENTRIES = 1 << 20  # suffix lookups per vectorised chunk
+_CHUNK_POSTINGS = 1 << 22  # posting-list entries touched per sparse product (bounds the pairs held at once)
+_SEGMENT_ENTRIES = 1 << 17  # index entries per segment at most (rows in conflict skip the later segments)
 _MARGIN = 1e-9  # float safety margin on prefix boundaries (only ever lengthens prefixes)
+_SAMPLE_FROM_ROWS = 50_000  # pools at least this large bracket δ on a sample first (by default)
+_ABOVE_ONE = 1.0 + 1e-6  # every similarity is <= 1 (cosine up to rounding) < this δ: every row is accepted
+_TAIL_ROWS = 1024  # rows per chunk of the cosine tail norms (bounds their float cancellation error)
+_PROGRESS_BLOCKS = 64  # blocks between progress lines of a pass (logging level DEBUG)
 
 
 @dataclass
@@ -75,68 +117,99 @@ class SimScalePass:
     examined: int
     """Rows walked before the pass stopped (the budget was reached or the pool ended)."""
     candidate_pairs: int = 0
+    """Pairs (new row, earlier row) that share a latent of the earlier row's prefix."""
     verified_pairs: int = 0
+    """Candidates whose similarity needed the suffix lookup (the bounds did not settle them)."""
 
 
 @dataclass
 class SimScaleOutcome:
     final: SimScalePass
     steps: list[dict[str, Any]] = field(default_factory=list)
-    """Every pass: δ, rows accepted (capped at the budget), rows examined, candidate pairs."""
+    """Every full-pool pass: δ, rows accepted (capped at the budget), rows examined, candidate pairs, seconds."""
+    sample_steps: list[dict[str, Any]] = field(default_factory=list)
+    """The whole passes on the sample and on half of it that guessed δ (same keys and ``rows``), if any."""
 
 
+@dataclass
 class SimScaleIndex:
     """The δ-independent part of SimScale: walk order, global latent order and rows re-sorted in it."""
 
-    def __init__(self, features: SparseFeatures, similarity: str = "jaccard") -> None:
+    similarity: str
+    order: np.ndarray
+    """Pool position of each walk row (``|A_i|`` descending, position ascending)."""
+    indptr: np.ndarray
+    """Walk row ``r`` owns entries ``indptr[r]:indptr[r + 1]`` of ``ranks``."""
+    ranks: np.ndarray
+    """``int32``: rarity rank of each informative latent (0 = rarest), ascending within each row."""
+    num_latents: int
+    """Informative latents: every rank is below this."""
+    stop_latents: int
+    """Latents removed as more frequent than ``max_latent_frequency``."""
+    values: np.ndarray | None = None
+    """cosine: ``float64`` values aligned with ``ranks``, each row L2-normalised over its informative latents."""
+    tail_norms: np.ndarray | None = None
+    """cosine: per entry, the squared norm of its row from that entry to the row's end."""
+    nonnegative: bool = True
+    """cosine: no negative value, so a partial dot product is a lower bound of the whole."""
+
+    @property
+    def n(self) -> int:
+        return len(self.order)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.indptr)
+
+    @classmethod
+    def build(
+        cls,
+        features: SparseFeatures,
+        similarity: str = "jaccard",
+        max_latent_frequency: float | None = None,
+    ) -> SimScaleIndex:
         if similarity not in SIMILARITIES:
             raise InputError(f"similarity must be one of {list(SIMILARITIES)}, got {similarity!r}.")
         if similarity == "cosine" and features.values is None:
             raise InputError("similarity='cosine' needs the activation values (the sae_values column).")
-        self.similarity = similarity
-        self.n = features.n_rows
-        sizes = features.sizes
-        self.order = np.lexsort((np.arange(self.n), -sizes))  # walk order: |A_i| desc, position asc
-        self.sizes = sizes[self.order]
+        check_max_latent_frequency(max_latent_frequency)
+        n = features.n_rows
+        order = np.lexsort((np.arange(n), -features.sizes))
         frequencies = features.latent_frequencies()
-        by_rarity = np.lexsort((np.arange(features.num_latents), frequencies))
         rank = np.empty(features.num_latents, dtype=np.int64)
-        rank[by_rarity] = np.arange(features.num_latents)
-        self.num_latents = features.num_latents
-        self.indptr = np.zeros(self.n + 1, dtype=np.int64)
-        np.cumsum(self.sizes, out=self.indptr[1:])
-        self.ranks = np.empty(features.nnz, dtype=np.int32)
-        self.values = np.empty(features.nnz, dtype=np.float64) if similarity == "cosine" else None
-        self._fill_ranked_rows(features, rank)
-        self.tail_norms = self._tail_norms() if similarity == "cosine" else None
+        rank[np.lexsort((np.arange(features.num_latents), frequencies))] = np.arange(features.num_latents)
+        # stop latents are the most frequent ones, so they hold the highest ranks
+        limit = np.inf if max_latent_frequency is None else max_latent_frequency * n
+        informative = int(np.count_nonzero(frequencies <= limit))
+        sizes = _informative_sizes(features, rank < informative)[order]
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(sizes, out=indptr[1:])
+        ranks, values = _ranked_rows(
+            features, order, rank, indptr, informative, cosine=similarity == "cosine"
+        )
+        index = cls(similarity, order, indptr, ranks, informative, features.num_latents - informative, values)
+        if values is not None:
+            index.tail_norms = _tail_norms(values, indptr)
+            index.nonnegative = bool(len(values) == 0 or values.min() >= 0)
+        return index
 
-    def _fill_ranked_rows(self, features: SparseFeatures, rank: np.ndarray) -> None:
-        """Rows in walk order, each row's latents replaced by their rank and sorted ascending."""
-        start = 0
-        while start < self.n:
-            stop = int(np.searchsorted(self.indptr, self.indptr[start] + _SORT_CHUNK, side="right"))
-            stop = min(max(stop - 1, start + 1), self.n)
-            positions, segments = features.entry_positions(self.order[start:stop])
-            keys = segments * self.num_latents + rank[features.indices[positions]]
-            begin, end = self.indptr[start], self.indptr[stop]
-            if self.values is None:
-                self.ranks[begin:end] = np.sort(keys) % self.num_latents
-            else:
-                by_key = np.argsort(keys, kind="stable")
-                self.ranks[begin:end] = keys[by_key] % self.num_latents
-                raw = features.values[positions][by_key].astype(np.float64)
-                norms = np.sqrt(np.bincount(segments, weights=raw * raw, minlength=stop - start))
-                safe = np.where(norms > 0, norms, 1.0)
-                self.values[begin:end] = raw / np.repeat(safe, self.sizes[start:stop])
-            start = stop
-
-    def _tail_norms(self) -> np.ndarray:
-        """Per entry, the squared norm of the row from this entry to its end (cosine prefixes)."""
-        assert self.values is not None
-        squares = self.values * self.values
-        running = np.append(np.cumsum(squares[::-1])[::-1], 0.0)  # suffix sums over the whole array
-        # minus the suffix sum where the row ends (cancellation error ~1e-10: covered by the prefix margin)
-        return running[:-1] - running[np.repeat(self.indptr[1:], self.sizes)]
+    def take(self, walk_rows: np.ndarray) -> SimScaleIndex:
+        """The index of a subset of the rows (``walk_rows`` ascending), with the same latent order."""
+        positions, _ = _ranges(self.indptr[walk_rows], self.sizes[walk_rows])
+        indptr = np.zeros(len(walk_rows) + 1, dtype=np.int64)
+        np.cumsum(self.sizes[walk_rows], out=indptr[1:])
+        cosine = self.values is not None and self.tail_norms is not None
+        return SimScaleIndex(
+            self.similarity,
+            self.order[walk_rows],
+            indptr,
+            self.ranks[positions],
+            self.num_latents,
+            self.stop_latents,
+            self.values[positions] if cosine else None,
+            self.tail_norms[positions] if cosine else None,
+            self.nonnegative,
+        )
 
     def prefix_lengths(self, delta: float) -> np.ndarray:
         """Number of leading (rarest) latents of each row that the index needs at threshold δ."""
@@ -158,70 +231,471 @@ class SimScaleIndex:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(union > 0, shared / np.maximum(union, 1), 1.0)
 
+    def leading_matrix(self, rows: np.ndarray, lengths: np.ndarray) -> scipy.sparse.csr_array:
+        """The first ``lengths[k]`` latents of each walk row ``rows[k]`` as a sparse matrix over the
+        informative latents (ones, or the cosine values)."""
+        positions, _ = _ranges(self.indptr[rows], lengths)
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        return _csr(self.entry_data(positions), self.ranks[positions], indptr, (len(rows), self.num_latents))
 
+    def entry_data(self, positions: np.ndarray) -> np.ndarray:
+        if self.values is None:
+            return np.ones(len(positions), dtype=np.float32)  # counts stay exact below 2**24
+        return self.values[positions]
+
+
+def check_max_latent_frequency(value: float | None) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1
+    ):
+        raise InputError(f"max_latent_frequency must be a fraction in (0, 1] or None, got {value!r}.")
+
+
+def _informative_sizes(features: SparseFeatures, informative: np.ndarray) -> np.ndarray:
+    """Per row (pool order), the number of its latents that are not stop latents."""
+    if informative.all():
+        return features.sizes
+    running = np.zeros(features.n_rows + 1, dtype=np.int64)
+    step = max(1, _SORT_CHUNK // max(int(features.sizes.mean()) if features.n_rows else 1, 1))
+    for start in range(0, features.n_rows, step):
+        stop = min(start + step, features.n_rows)
+        flags = informative[features.indices[features.indptr[start] : features.indptr[stop]]]
+        inside = np.zeros(len(flags) + 1, dtype=np.int64)
+        np.cumsum(flags, out=inside[1:])
+        ends = features.indptr[start + 1 : stop + 1] - features.indptr[start]
+        running[start + 1 : stop + 1] = running[start] + inside[ends]
+    return np.diff(running)
+
+
+def _ranked_rows(
+    features: SparseFeatures,
+    order: np.ndarray,
+    rank: np.ndarray,
+    indptr: np.ndarray,
+    informative: int,
+    *,
+    cosine: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows in walk order, each row's informative latents replaced by their rank and sorted ascending (and,
+    for cosine, their values L2-normalised over those latents)."""
+    ranks = np.empty(indptr[-1], dtype=np.int32)
+    values = np.empty(indptr[-1], dtype=np.float64) if cosine else None
+    width = features.num_latents
+    full_indptr = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(features.sizes[order], out=full_indptr[1:])
+    start = 0
+    while start < len(order):
+        stop = int(np.searchsorted(full_indptr, full_indptr[start] + _SORT_CHUNK, side="right"))
+        stop = min(max(stop - 1, start + 1), len(order))
+        positions, segments = features.entry_positions(order[start:stop])
+        keys = segments * width + rank[features.indices[positions]]
+        if values is not None:
+            by_key = np.argsort(keys, kind="stable")
+            keys = keys[by_key]
+        else:
+            keys = np.sort(keys)
+        kept = keys % width < informative
+        begin, end = indptr[start], indptr[stop]
+        ranks[begin:end] = keys[kept] % width
+        if values is not None:
+            raw = features.values[positions[by_key[kept]]].astype(np.float64)
+            norms = np.sqrt(np.bincount(keys[kept] // width, weights=raw * raw, minlength=stop - start))
+            values[begin:end] = raw / np.repeat(
+                np.where(norms > 0, norms, 1.0), np.diff(indptr[start : stop + 1])
+            )
+        start = stop
+    return ranks, values
+
+
+def _tail_norms(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """Per entry, the squared norm of the row from this entry to its end (cosine prefixes).
+
+    A suffix sum over a chunk of rows minus the suffix sum where the row ends: every row has norm 1 (or 0), so
+    the sums stay below the chunk's row count and the cancellation error below ~1e-12, well inside the prefix
+    margin whatever the pool size."""
+    tails = np.empty_like(values)
+    sizes = np.diff(indptr)
+    for first in range(0, len(sizes), _TAIL_ROWS):
+        last = min(first + _TAIL_ROWS, len(sizes))
+        begin, end = indptr[first], indptr[last]
+        squares = values[begin:end] * values[begin:end]
+        running = np.append(np.cumsum(squares[::-1])[::-1], 0.0)
+        tails[begin:end] = (
+            running[:-1] - running[np.repeat(indptr[first + 1 : last + 1] - begin, sizes[first:last])]
+        )
+    return tails
+
+
+# -- one pass ---------------------------------------------------------------------------------------------
 def simscale_pass(
     index: SimScaleIndex, delta: float, budget: int, *, block: int | None = None
 ) -> SimScalePass:
     """One SimScale walk at threshold ``delta`` that stops once ``budget`` rows are accepted."""
     n = index.n
+    if n == 0 or (delta <= 0 and index.nonnegative):  # every pair is at or above δ: only the first row stays
+        return SimScalePass(delta, index.order[:1].copy(), np.zeros(min(n, 1)), examined=min(n, 1))
+    if delta <= 0:  # cosine with negative values: rows sharing no latent are at 0 >= δ, the index cannot help
+        return _nonpositive_delta_pass(index, delta, budget)
     block = block or _block_size(index)
-    accepted: list[np.ndarray] = []
-    accepted_sims: list[np.ndarray] = []
-    count = 0
-    if delta <= 0:  # every pair is at or above δ: only the first row survives
-        return SimScalePass(delta, index.order[:1].copy(), np.zeros(1), examined=min(n, 1))
-    prefix = index.prefix_lengths(delta)
-    segments = _IndexSegments()
+    bounds = _Bounds.at(index, delta)
+    accepted = _AcceptedPrefixes(index, bounds.prefix)
+    table = _BlockTable(index, block)
+    picks: list[np.ndarray] = []
+    pick_sims: list[np.ndarray] = []
+    count = candidates = verified = 0
     empty_taken = False
-    candidate_pairs = verified_pairs = 0
-    lookup = _BlockLookup(index, block)
-    start = 0
-    while start < n and count < budget:
+    progress, began = logger.isEnabledFor(logging.DEBUG), time.perf_counter()
+    examined = n
+    for start in range(0, n, block):
         stop = min(start + block, n)
-        rows = np.arange(start, stop, dtype=np.int64)
-        lookup.fill(rows, start)
-        q_pos, q_seg = _entries(index.indptr, rows, prefix[rows])
-        q_rank = index.ranks[q_pos].astype(np.int64)
-        q_slot = q_pos - index.indptr[rows][q_seg]  # position of the entry inside its row
-        # candidates among rows accepted before this block
-        candidates = segments.probe(q_rank, q_seg + start, q_slot)
-        candidate_pairs += len(candidates[0])
-        outside = _verify(index, *candidates, delta, lookup, settle=True)
-        verified_pairs += outside.verified
-        conflict = np.zeros(len(rows), dtype=bool)
-        best = np.zeros(len(rows), dtype=np.float64)
-        if len(outside.x):
-            np.maximum.at(best, outside.x - start, outside.sim)
-            conflict[outside.x[outside.sim >= delta] - start] = True
-        # pairs inside the block: self-join of the block's prefixes (earlier row first)
-        inner = _block_pairs(q_rank, q_seg, q_slot, start)
-        candidate_pairs += len(inner[0])
-        within = _verify(index, *inner, delta, lookup, settle=False)
-        lookup.clear()
-        verified_pairs += within.verified
-        decided, sims, empty_taken = _decide_block(
-            index, rows, start, conflict, best, within, delta, empty_taken, budget - count
+        table.fill(start, stop)
+        # against the rows accepted before the block, reduced to one verdict per row as the pairs come
+        earlier = _Verdicts(stop - start)
+        for pairs in accepted.probe(start, stop, earlier):
+            scored = _similarities(index, table, bounds, delta, pairs, settle=True)
+            earlier.update(scored, start, delta)
+            candidates, verified = candidates + scored.candidates, verified + scored.verified
+        # inside the block, among the rows still alive (a rejected row blocks nobody)
+        alive = start + np.flatnonzero(~earlier.conflict)
+        inner = _similarities(
+            index, table, bounds, delta, _block_pairs(index, alive, bounds.prefix), settle=False
         )
-        if len(decided):
-            accepted.append(decided)
-            accepted_sims.append(sims)
-            count += len(decided)
-            a_pos, a_seg = _entries(index.indptr, decided, prefix[decided])
-            a_rows = decided[a_seg]
-            segments.add(index.ranks[a_pos].astype(np.int64), a_rows, a_pos - index.indptr[a_rows])
-        examined = stop if count < budget else int(decided[-1]) + 1
-        start = stop
-    order_positions = np.concatenate(accepted) if accepted else np.zeros(0, dtype=np.int64)
+        table.clear()
+        candidates, verified = candidates + inner.candidates, verified + inner.verified
+        chosen, sims, empty_taken = _decide_block(index, start, stop, earlier, inner, delta, empty_taken)
+        chosen, sims = chosen[: budget - count], sims[: budget - count]
+        picks.append(chosen)
+        pick_sims.append(sims)
+        count += len(chosen)
+        if count == budget:
+            examined = int(chosen[-1]) + 1
+            break
+        accepted.add(chosen)
+        if progress and (start // block) % _PROGRESS_BLOCKS == _PROGRESS_BLOCKS - 1:
+            logger.debug(
+                "SimScale δ=%.4f: %d of %d rows walked, %d accepted, %d candidate pairs, %.1f s.",
+                delta,
+                stop,
+                n,
+                count,
+                candidates,
+                time.perf_counter() - began,
+            )
+    walk_rows = np.concatenate(picks)
     return SimScalePass(
         delta,
-        index.order[order_positions],
-        np.concatenate(accepted_sims) if accepted_sims else np.zeros(0),
-        examined=examined if n else 0,
-        candidate_pairs=candidate_pairs,
-        verified_pairs=verified_pairs,
+        index.order[walk_rows],
+        np.concatenate(pick_sims),
+        examined=examined,
+        candidate_pairs=candidates,
+        verified_pairs=verified,
     )
 
 
+def _nonpositive_delta_pass(index: SimScaleIndex, delta: float, budget: int) -> SimScalePass:
+    """The walk at δ <= 0 on cosine similarities that can be negative: a row is accepted only when its cosine
+    with every accepted row is below δ (so it shares a latent with each of them). Such rows are few, and each
+    acceptance costs one product of the rows not yet walked with the accepted ones."""
+    rows = np.arange(index.n)
+    matrix = index.leading_matrix(rows, index.sizes)
+    accepted, sims = [0], [0.0]
+    start = 1
+    while start < index.n and len(accepted) < budget:
+        cosines = (matrix[start:] @ matrix[accepted].T).toarray()  # no shared latent: cosine 0
+        best = cosines.max(axis=1)
+        fits = np.flatnonzero(best < delta)
+        if not len(fits):
+            break
+        row = start + int(fits[0])
+        accepted.append(row)
+        sims.append(float(best[fits[0]]))
+        start = row + 1
+    examined = accepted[-1] + 1 if len(accepted) == budget else index.n
+    return SimScalePass(delta, index.order[accepted], np.asarray(sims), examined=examined)
+
+
+def _block_size(index: SimScaleIndex) -> int:
+    bytes_per_slot = 1 if index.values is None else 4
+    return int(np.clip(_TABLE_BYTES // max(index.num_latents * bytes_per_slot, 1), 16, _BLOCK))
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``starts[k] .. starts[k] + lengths[k] - 1`` for every ``k``, concatenated, and their ``k``."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    segments = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    if total == 0:
+        return np.zeros(0, dtype=np.int64), segments
+    offsets = np.cumsum(lengths) - lengths
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, lengths), segments
+
+
+def _csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]):
+    """A CSR matrix over existing buffers (32-bit indices when they fit, so scipy does not copy them)."""
+    import scipy.sparse
+
+    index_dtype = np.int32 if max(len(indices), *shape) < 2**31 - 1 else np.int64
+    return scipy.sparse.csr_array(
+        (data, indices.astype(index_dtype, copy=False), indptr.astype(index_dtype, copy=False)), shape=shape
+    )
+
+
+@dataclass
+class _Candidates:
+    """Pairs (new row ``x``, earlier row ``y``; walk rows) with ``shared`` = mass of ``x`` on ``prefix(y)``."""
+
+    x: np.ndarray
+    y: np.ndarray
+    shared: np.ndarray
+
+    @classmethod
+    def from_product(cls, product, x_rows: np.ndarray, y_rows: np.ndarray) -> _Candidates:
+        """From ``product[i, j]`` = shared mass of query row ``x_rows[i]`` on the prefix of ``y_rows[j]``."""
+        x = np.repeat(x_rows, np.diff(product.indptr))
+        return cls(x, y_rows[product.indices], product.data.astype(np.float64))
+
+
+class _Segment(NamedTuple):
+    """Index entries sorted by latent rank: ``(rank, column, data)``; column ``c`` is walk row ``rows[c]``."""
+
+    ranks: np.ndarray
+    cols: np.ndarray
+    data: np.ndarray
+    rows: np.ndarray
+
+    def merge(self, newer: _Segment) -> _Segment:
+        ranks = np.concatenate([self.ranks, newer.ranks])
+        order = np.argsort(ranks, kind="stable")  # two sorted runs: a linear merge
+        cols = np.concatenate([self.cols, newer.cols + len(self.rows)])
+        data = np.concatenate([self.data, newer.data])
+        return _Segment(ranks[order], cols[order], data[order], np.concatenate([self.rows, newer.rows]))
+
+
+class _AcceptedPrefixes:
+    """Inverted index latent → accepted rows over their prefix latents: latent-major sparse segments (rows =
+    latents, columns = the segment's accepted rows) of at most ``_SEGMENT_ENTRIES`` entries, merged like a
+    log-structured merge tree."""
+
+    def __init__(self, index: SimScaleIndex, prefix: np.ndarray) -> None:
+        self.index = index
+        self.prefix = prefix
+        self.segments: list[_Segment] = []
+        self.matrices: list[Any] = []
+
+    def add(self, rows: np.ndarray) -> None:
+        """Index the prefixes of newly accepted walk rows."""
+        positions, local = _ranges(self.index.indptr[rows], self.prefix[rows])
+        if not len(positions):
+            return
+        ranks = self.index.ranks[positions]
+        order = np.argsort(ranks, kind="stable")
+        cols = local[order].astype(np.int32)
+        segment = _Segment(ranks[order], cols, self.index.entry_data(positions)[order], rows)
+        while (
+            self.segments
+            and len(segment.ranks) * 2 >= len(self.segments[-1].ranks)
+            and len(segment.ranks) + len(self.segments[-1].ranks) <= _SEGMENT_ENTRIES
+        ):
+            self.matrices.pop()
+            segment = self.segments.pop().merge(segment)
+        self.segments.append(segment)
+        indptr = np.zeros(self.index.num_latents + 1, dtype=np.int64)
+        np.cumsum(np.bincount(segment.ranks, minlength=self.index.num_latents), out=indptr[1:])
+        self.matrices.append(_csr(segment.data, segment.cols, indptr, (len(indptr) - 1, len(segment.rows))))
+
+    def probe(self, start: int, stop: int, earlier: _Verdicts) -> Iterator[_Candidates]:
+        """Accepted rows ``y`` sharing a latent of their prefix with walk rows ``start:stop``, and the shared
+        mass. Segment by segment, oldest first, so that a row found in conflict (``earlier.conflict``, updated
+        by the caller between chunks) is not probed against the later segments; within a segment, in chunks
+        of whole rows that touch at most about ``_CHUNK_POSTINGS`` postings."""
+        index = self.index
+        for matrix, segment in zip(self.matrices, self.segments, strict=True):
+            rows = start + np.flatnonzero(~earlier.conflict)
+            if not len(rows):
+                return
+            sizes = index.sizes[rows]
+            positions, _ = _ranges(index.indptr[rows], sizes)
+            work = np.zeros(len(positions) + 1, dtype=np.int64)  # postings touched, per row boundary
+            np.cumsum(np.diff(matrix.indptr)[index.ranks[positions]], out=work[1:])
+            work = work[np.r_[0, np.cumsum(sizes)]]
+            first = 0
+            while first < len(rows):
+                last = int(np.searchsorted(work, work[first] + _CHUNK_POSTINGS, side="right")) - 1
+                last = min(max(last, first + 1), len(rows))
+                product = (index.leading_matrix(rows[first:last], sizes[first:last]) @ matrix).tocsr()
+                yield _Candidates.from_product(product, rows[first:last], segment.rows)
+                first = last
+
+
+def _block_pairs(index: SimScaleIndex, rows: np.ndarray, prefix: np.ndarray) -> _Candidates:
+    """Pairs of walk ``rows`` of one block (later row ``x``, earlier row ``y``) sharing a latent of
+    ``prefix(y)``, by one sparse product of the rows with their own prefixes."""
+    product = index.leading_matrix(rows, index.sizes[rows]) @ index.leading_matrix(rows, prefix[rows]).T
+    pairs = _Candidates.from_product(product.tocsr(), rows, rows)
+    keep = pairs.y < pairs.x
+    return _Candidates(pairs.x[keep], pairs.y[keep], pairs.shared[keep])
+
+
+class _BlockTable:
+    """Dense table ``(row - start, latent rank) -> present`` (Jaccard) or ``-> entry + 1`` (cosine) for the
+    rows of the current block, so a suffix lookup is one gather instead of a search."""
+
+    def __init__(self, index: SimScaleIndex, block: int) -> None:
+        self.index = index
+        dtype = bool if index.values is None else np.int32
+        self.table = np.zeros(block * max(index.num_latents, 1), dtype=dtype)
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.start = self.begin = 0
+
+    def fill(self, start: int, stop: int) -> None:
+        index = self.index
+        begin, end = index.indptr[start], index.indptr[stop]
+        segments = np.repeat(np.arange(stop - start, dtype=np.int64), index.sizes[start:stop])
+        self.keys = segments * index.num_latents + index.ranks[begin:end]
+        self.start, self.begin = start, begin
+        self.table[self.keys] = True if self.table.dtype == bool else np.arange(1, end - begin + 1)
+
+    def clear(self) -> None:
+        self.table[self.keys] = 0
+
+    def suffix_mass(self, x: np.ndarray, y: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+        """Overlap count (or dot product) of block rows ``x`` with the suffixes of rows ``y``."""
+        index = self.index
+        mass = np.zeros(len(x), dtype=np.float64)
+        lengths = index.sizes[y] - prefix[y]
+        step = max(1, _LOOKUP_ENTRIES // max(int(lengths.max()) if len(lengths) else 1, 1))
+        for begin in range(0, len(x), step):
+            part = slice(begin, begin + step)
+            positions, pair = _ranges(index.indptr[y[part]] + prefix[y[part]], lengths[part])
+            slots = self.table[(x[part] - self.start)[pair] * index.num_latents + index.ranks[positions]]
+            if index.values is None:
+                mass[part] = np.bincount(pair[slots], minlength=len(x[part]))
+            else:
+                match = slots > 0
+                products = index.values[positions[match]] * index.values[slots[match] - 1 + self.begin]
+                mass[part] = np.bincount(pair[match], weights=products, minlength=len(x[part]))
+        return mass
+
+
+@dataclass
+class _Pairs:
+    x: np.ndarray
+    y: np.ndarray
+    sim: np.ndarray
+    candidates: int = 0
+    verified: int = 0
+
+
+@dataclass
+class _Bounds:
+    """Per walk row at one δ: prefix length and what its suffix can add to a shared mass (as floats)."""
+
+    prefix: np.ndarray
+    sizes: np.ndarray
+    suffix: np.ndarray
+    """Jaccard: suffix length; cosine: suffix norm."""
+
+    @classmethod
+    def at(cls, index: SimScaleIndex, delta: float) -> _Bounds:
+        prefix = index.prefix_lengths(delta)
+        sizes = index.sizes
+        if index.tail_norms is None:
+            return cls(prefix, sizes.astype(np.float64), (sizes - prefix).astype(np.float64))
+        boundary = np.minimum(index.indptr[:-1] + prefix, max(len(index.ranks) - 1, 0))
+        tail = np.where(prefix < sizes, index.tail_norms[boundary] if len(index.ranks) else 0.0, 0.0)
+        return cls(prefix, sizes.astype(np.float64), np.sqrt(np.maximum(tail, 0.0)))
+
+
+def _similarities(
+    index: SimScaleIndex,
+    table: _BlockTable,
+    bounds: _Bounds,
+    delta: float,
+    pairs: _Candidates,
+    *,
+    settle: bool,
+) -> _Pairs:
+    """Similarity of candidate pairs: exact where the bounds do not already place it below δ (where they
+    do, the lower bound), and exact or a certain lower bound ≥ δ for the conflicts.
+
+    With ``settle`` (every ``y`` is accepted), the rows with a certain conflict need no suffix lookups.
+    """
+    x, y, shared = pairs.x, pairs.y, pairs.shared
+    if not len(x):
+        return _Pairs(x, y, shared)
+    if index.values is None:  # candidates share a latent, so every union below is at least 1
+        size_x = bounds.sizes[x]
+        total = size_x + bounds.sizes[y]
+        rest = np.minimum(bounds.suffix[y], size_x - shared)
+        lower = shared / (total - shared)
+        upper = (shared + rest) / (total - shared - rest)
+    elif index.nonnegative:
+        lower, upper = shared, shared + bounds.suffix[y] + 1e-9
+    else:  # a partial dot product bounds nothing from below: compute every candidate exactly
+        lower, upper = np.full(len(x), -np.inf), np.full(len(x), np.inf)
+    certain = lower >= delta
+    todo = ~certain & (upper >= delta)
+    if settle and certain.any():
+        settled = np.zeros(int(x.max()) + 1, dtype=bool)
+        settled[x[certain]] = True
+        todo &= ~settled[x]
+    sim = np.where(np.isfinite(lower), lower, 0.0)
+    picks = np.flatnonzero(todo)
+    sim[picks] = index.similarity_of(
+        x[picks], y[picks], shared[picks] + table.suffix_mass(x[picks], y[picks], bounds.prefix)
+    )
+    return _Pairs(x, y, sim, candidates=len(x), verified=len(picks))
+
+
+class _Verdicts:
+    """Per block row: whether it conflicts with an earlier accepted row, and the largest similarity seen."""
+
+    def __init__(self, rows: int) -> None:
+        self.conflict = np.zeros(rows, dtype=bool)
+        self.best = np.zeros(rows, dtype=np.float64)
+
+    def update(self, scored: _Pairs, start: int, delta: float) -> None:
+        local = scored.x - start
+        self.conflict[local[scored.sim >= delta]] = True
+        np.maximum.at(self.best, local, scored.sim)
+
+
+def _decide_block(
+    index: SimScaleIndex,
+    start: int,
+    stop: int,
+    earlier: _Verdicts,
+    inner: _Pairs,
+    delta: float,
+    empty_taken: bool,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Walk rows of the block that are accepted (in order, before the budget cap) and their max similarity."""
+    alive = ~earlier.conflict
+    # J(∅, ∅) = 1: a row without informative latents conflicts with every other such row
+    empty = np.flatnonzero(index.sizes[start:stop] == 0)
+    if delta <= 1.0 and len(empty):
+        alive[empty[0 if empty_taken else 1 :]] = False
+    # conflicts inside the block, in walk order: a row dies if an earlier row that lives conflicts with it
+    conflict = inner.sim >= delta
+    cx, cy = inner.x[conflict] - start, inner.y[conflict] - start
+    order = np.argsort(cx, kind="stable")
+    cx, cy = cx[order], cy[order]
+    bounds = np.flatnonzero(np.r_[True, cx[1:] != cx[:-1], True]) if len(cx) else np.zeros(1, dtype=np.int64)
+    for first, last in itertools.pairwise(bounds):
+        row = cx[first]
+        if alive[row] and alive[cy[first:last]].any():
+            alive[row] = False
+    best = earlier.best.copy()
+    partner_alive = alive[inner.y - start]
+    np.maximum.at(best, inner.x[partner_alive] - start, inner.sim[partner_alive])
+    if delta > 1.0 and len(empty):  # every empty row is kept; the later ones are identical to the first
+        best[empty[0 if empty_taken else 1 :]] = 1.0
+    chosen = np.flatnonzero(alive)
+    return chosen + start, best[chosen], empty_taken or bool(alive[empty].any())
+
+
+# -- finding δ ---------------------------------------------------------------------------------------------
 def simscale(
     features: SparseFeatures,
     budget: int,
@@ -230,293 +704,158 @@ def simscale(
     similarity: str = "jaccard",
     delta_tolerance: float = 5e-3,
     max_steps: int = 40,
+    max_latent_frequency: float | None = None,
+    sample_size: int | None = None,
+    seed: int = 0,
     index: SimScaleIndex | None = None,
 ) -> SimScaleOutcome:
-    """SimScale selection of exactly ``budget`` rows, with δ given or found by bisection."""
+    """SimScale selection of exactly ``budget`` rows, with δ given or found by bisection.
+
+    ``sample_size``: rows of the seeded sample on which δ is first guessed (``None`` or below 2: no sample).
+    """
     n = features.n_rows
     if not 1 <= budget <= n:
         raise InputError(f"budget must be between 1 and the pool size ({n}), got {budget}.")
-    index = index or SimScaleIndex(features, similarity)
-    steps: list[dict[str, Any]] = []
-
-    def run(value: float) -> SimScalePass:
-        outcome = simscale_pass(index, value, budget)
-        steps.append(
-            {
-                "delta": value,
-                "accepted": len(outcome.positions),
-                "examined": outcome.examined,
-                "candidate_pairs": outcome.candidate_pairs,
-            }
-        )
-        logger.info(
-            "SimScale δ=%.4f: %d rows accepted after %d examined.",
-            value,
-            len(outcome.positions),
-            outcome.examined,
-        )
-        return outcome
-
+    index = index or SimScaleIndex.build(features, similarity, max_latent_frequency)
+    full = _Search(index, budget)
     if delta is not None:
-        outcome = run(float(delta))
+        outcome = full.run(float(delta))
         if len(outcome.positions) < budget:
             raise InputError(
                 f"With δ={delta} SimScale accepts only {len(outcome.positions)} of the {budget} rows asked for; "
                 "raise delta, lower the budget, or leave delta unset to find it automatically."
             )
-        return SimScaleOutcome(outcome, steps)
-    # invariant: the pass at `low` yields fewer than `budget` rows, the pass at `high` yields the budget
-    # every similarity is <= 1 (cosine up to rounding) < high: the pass at `high` accepts every row
-    low, high = 0.0, 1.0 + 1e-6
-    best = run(high)
-    if budget == 1 or len(run(low).positions) >= budget:
-        return SimScaleOutcome(run(low) if budget == 1 else best, steps)
-    while high - low > delta_tolerance and len(steps) < max_steps:
+        return SimScaleOutcome(outcome, full.steps)
+    guess, sample_steps = None, []
+    if sample_size is not None and budget > 1 and 2 <= sample_size < n:
+        guess, sample_steps = _sample_guess(index, budget, sample_size, seed, delta_tolerance, max_steps)
+    final = full.bisect(0.0, _ABOVE_ONE, delta_tolerance, max_steps, guess=guess)
+    return SimScaleOutcome(final, full.steps, sample_steps)
+
+
+def _sample_guess(
+    index: SimScaleIndex, budget: int, sample_size: int, seed: int, tolerance: float, max_steps: int
+) -> tuple[float, list[dict[str, Any]]]:
+    """A δ whose full pass should yield about the budget, from whole passes on a seeded sample and on half
+    of it.
+
+    The yield of a pass grows less than linearly with the rows walked (a larger pool holds more rows similar
+    to those already kept), so the sample's yield is extrapolated with the growth exponent measured between
+    the half sample and the sample: ``yield(n) ≈ yield(s) · (n / s)^α``, α = log2(yield(s) / yield(s/2)) in
+    [0, 1]. The δ whose extrapolated yield reaches the budget is bisected to ``tolerance``. Passes stop at
+    ``budget · (s / n)^½`` rows kept (enough if α >= ½), which bounds their cost. Only speed depends on this
+    guess: the full-pool search corrects it.
+    """
+    rng = np.random.default_rng([seed, 0x5135])
+    sample = index.take(np.sort(rng.choice(index.n, size=sample_size, replace=False)))
+    half = sample.take(np.sort(rng.choice(sample_size, size=sample_size // 2, replace=False)))
+    growth = math.log(index.n / sample_size)
+    # a pass costs ~ rows walked × rows kept: stop the sample passes at the yield that, with α >= 1/2, already
+    # reaches the budget (such a δ counts as high enough)
+    cap = max(2, min(sample.n, math.ceil(budget * math.exp(-growth / 2))))
+    whole, halves = _Search(sample, cap), _Search(half, cap)
+    low, high = 0.0, _ABOVE_ONE
+    while high - low > tolerance * (1 + 1e-9) and len(whole.steps) < max_steps:
         middle = (low + high) / 2
-        outcome = run(middle)
-        if len(outcome.positions) >= budget:
-            high, best = middle, outcome
+        kept = len(whole.run(middle).positions)
+        if kept < cap:
+            kept_half = len(halves.run(middle).positions)
+            alpha = min(max(math.log(kept / kept_half) / math.log(sample.n / half.n), 0.0), 1.0)
+        if kept >= cap or math.log(kept) + alpha * growth >= math.log(budget):
+            high = middle
         else:
             low = middle
-    return SimScaleOutcome(best, steps)
+    steps = [{**step, "rows": sample.n} for step in whole.steps] + [
+        {**step, "rows": half.n} for step in halves.steps
+    ]
+    return high, steps
 
 
-# -- block machinery ------------------------------------------------------------------------------------
-@dataclass
-class _Pairs:
-    x: np.ndarray
-    y: np.ndarray
-    sim: np.ndarray
-    verified: int = 0
+def default_sample_size(n: int) -> int | None:
+    """Rows of the sample that brackets δ before the full-pool passes: none below ``_SAMPLE_FROM_ROWS`` rows
+    (full passes are cheap there), else 1/16 of the pool. A pass costs about rows walked × rows accepted, so a
+    whole-sample pass costs 1/256 to 1/16 of a full one (the sample keeps a larger share of its rows)."""
+    return None if n < _SAMPLE_FROM_ROWS else n // 16
 
 
-def _entries(indptr: np.ndarray, rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of the first ``lengths[k]`` entries of each row ``rows[k]``, and their segment ``k``."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    segments = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
-    if total == 0:
-        return np.zeros(0, dtype=np.int64), segments
-    starts = indptr[rows]
-    offsets = np.cumsum(lengths) - lengths
-    return np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, lengths), segments
+class _Search:
+    """Passes at chosen δ on one index with one budget, each recorded in ``steps``."""
 
-
-def _block_size(index: SimScaleIndex) -> int:
-    """Rows per block: the block's dense lookup table (rows × latents) stays around 32 MB."""
-    bytes_per_slot = 1 if index.similarity == "jaccard" else 4
-    return int(np.clip((1 << 25) // max(index.num_latents * bytes_per_slot, 1), 16, _BLOCK))
-
-
-class _BlockLookup:
-    """Dense table ``(row - start, latent rank) -> present`` (Jaccard) or ``-> entry + 1`` (cosine) for the
-    rows of the current block, so exact comparisons are one gather per latent instead of a search."""
-
-    def __init__(self, index: SimScaleIndex, block: int) -> None:
+    def __init__(self, index: SimScaleIndex, budget: int) -> None:
         self.index = index
-        dtype = bool if index.similarity == "jaccard" else np.int64
-        self.table = np.zeros(block * max(index.num_latents, 1), dtype=dtype)
-        self.keys = np.zeros(0, dtype=np.int64)
-        self.start = 0
+        self.budget = budget
+        self.steps: list[dict[str, Any]] = []
 
-    def fill(self, rows: np.ndarray, start: int) -> None:
-        index = self.index
-        positions, segments = _entries(index.indptr, rows, index.sizes[rows])
-        self.keys = segments * index.num_latents + index.ranks[positions]
-        self.start = start
-        self.table[self.keys] = True if self.table.dtype == bool else positions + 1
+    def run(self, delta: float) -> SimScalePass:
+        started = time.perf_counter()
+        outcome = simscale_pass(self.index, delta, self.budget)
+        self.steps.append(
+            {
+                "delta": delta,
+                "accepted": len(outcome.positions),
+                "examined": outcome.examined,
+                "candidate_pairs": outcome.candidate_pairs,
+                "verified_pairs": outcome.verified_pairs,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
+        logger.info(
+            "SimScale δ=%.4f on %d rows: %d accepted after %d examined.",
+            delta,
+            self.index.n,
+            len(outcome.positions),
+            outcome.examined,
+        )
+        return outcome
 
-    def clear(self) -> None:
-        self.table[self.keys] = 0
+    def bisect(
+        self, low: float, high: float, tolerance: float, max_steps: int, *, guess: float | None = None
+    ) -> SimScalePass:
+        """The pass at the smallest δ found (to ``tolerance``) that yields the budget.
 
+        Invariant: the pass at ``low`` yields fewer rows than the budget (at δ = 0 only one row survives) and
+        the pass at ``high`` yields the budget (above 1, every row is accepted).
+        """
+        if self.budget == 1:
+            return self.run(0.0)
+        best: SimScalePass | None = None
+        if guess is not None and low < guess < high:
+            low, high, best = self._gallop(low, high, guess, tolerance, max_steps)
+        while high - low > tolerance * (1 + 1e-9) and len(self.steps) < max_steps:
+            middle = (low + high) / 2
+            outcome = self.run(middle)
+            if len(outcome.positions) >= self.budget:
+                high, best = middle, outcome
+            else:
+                low = middle
+        return best if best is not None else self.run(high)
 
-class _IndexSegments:
-    """Inverted index latent rank → accepted rows, as sorted segments merged like an LSM tree."""
-
-    def __init__(self) -> None:
-        self.segments: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-
-    def add(self, ranks: np.ndarray, rows: np.ndarray, slots: np.ndarray) -> None:
-        """Index entries ``(latent rank, row, position of the entry in its row)``."""
-        if not len(ranks):
-            return
-        order = np.argsort(ranks, kind="stable")
-        self.segments.append((ranks[order], rows[order], slots[order]))
-        while len(self.segments) > 1 and len(self.segments[-1][0]) * 2 >= len(self.segments[-2][0]):
-            newer, older = self.segments.pop(), self.segments.pop()
-            joined = [np.concatenate([a, b]) for a, b in zip(older, newer, strict=True)]
-            merged = np.argsort(joined[0], kind="stable")
-            self.segments.append((joined[0][merged], joined[1][merged], joined[2][merged]))
-
-    def probe(self, q_rank: np.ndarray, q_row: np.ndarray, q_slot: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Distinct pairs ``(query row, indexed row)`` sharing a prefix latent (see :func:`_count_pairs`)."""
-        xs, ys, x_slots, y_slots = [], [], [], []
-        for ranks, rows, slots in self.segments:
-            low = np.searchsorted(ranks, q_rank, side="left")
-            high = np.searchsorted(ranks, q_rank, side="right")
-            counts = high - low
-            total = int(counts.sum())
-            if not total:
-                continue
-            offsets = np.cumsum(counts) - counts
-            hits = np.arange(total, dtype=np.int64) + np.repeat(low - offsets, counts)
-            xs.append(np.repeat(q_row, counts))
-            x_slots.append(np.repeat(q_slot, counts))
-            ys.append(rows[hits])
-            y_slots.append(slots[hits])
-        if not xs:
-            return _no_pairs()
-        return _count_pairs(*(np.concatenate(parts) for parts in (xs, ys, x_slots, y_slots)))
-
-
-def _no_pairs() -> tuple[np.ndarray, ...]:
-    empty = np.zeros(0, dtype=np.int64)
-    return empty, empty, empty, empty, empty
-
-
-def _count_pairs(
-    x: np.ndarray, y: np.ndarray, x_slot: np.ndarray, y_slot: np.ndarray
-) -> tuple[np.ndarray, ...]:
-    """Distinct ``(x, y)`` with the number of shared prefix latents and the positions (in ``x`` and in ``y``)
-    of the last one shared: every common latent after it lies after both positions (positional bound)."""
-    width = int(y.max()) + 1
-    keys = x * width + y
-    order = np.argsort(keys, kind="stable")
-    keys = keys[order]
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    counts = np.diff(np.r_[starts, len(keys)])
-    last_x = np.maximum.reduceat(x_slot[order], starts)
-    last_y = np.maximum.reduceat(y_slot[order], starts)
-    unique = keys[starts]
-    return unique // width, unique % width, counts, last_x, last_y
-
-
-def _block_pairs(
-    q_rank: np.ndarray, q_seg: np.ndarray, q_slot: np.ndarray, start: int
-) -> tuple[np.ndarray, ...]:
-    """Pairs ``(later row, earlier row)`` of one block that share a prefix latent (see :func:`_count_pairs`)."""
-    if not len(q_rank):
-        return _no_pairs()
-    order = np.lexsort((q_seg, q_rank))
-    rank_sorted, seg_sorted, slot_sorted = q_rank[order], q_seg[order], q_slot[order]
-    new_group = np.ones(len(order), dtype=bool)
-    new_group[1:] = rank_sorted[1:] != rank_sorted[:-1]
-    group_start = np.maximum.accumulate(np.where(new_group, np.arange(len(order)), 0))
-    earlier = np.arange(len(order)) - group_start  # entries before this one in its latent's group
-    total = int(earlier.sum())
-    if not total:
-        return _no_pairs()
-    offsets = np.cumsum(earlier) - earlier
-    partner = np.arange(total, dtype=np.int64) + np.repeat(group_start - offsets, earlier)
-    later_rows = np.repeat(seg_sorted, earlier) + start
-    earlier_rows = seg_sorted[partner] + start
-    return _count_pairs(later_rows, earlier_rows, np.repeat(slot_sorted, earlier), slot_sorted[partner])
-
-
-def _verify(
-    index: SimScaleIndex,
-    x: np.ndarray,
-    y: np.ndarray,
-    shared_prefix: np.ndarray,
-    last_x: np.ndarray,
-    last_y: np.ndarray,
-    delta: float,
-    lookup: _BlockLookup,
-    *,
-    settle: bool,
-) -> _Pairs:
-    """Exact similarity of candidate pairs ``(x in block, y earlier)``.
-
-    Jaccard pairs whose shared prefix latents alone already reach δ skip the full comparison, and with
-    ``settle`` (every ``y`` is accepted) so do the other pairs of a row that has such a certain conflict.
-    """
-    if not len(x):
-        return _Pairs(x, y, np.zeros(0))
-    sim = np.zeros(len(x), dtype=np.float64)
-    todo = np.ones(len(x), dtype=bool)
-    if index.similarity == "jaccard":
-        # size filter: J <= |x| / |y| for |y| >= |x| (y was walked earlier)
-        todo &= index.sizes[x] >= delta * index.sizes[y] - _MARGIN
-        lower = index.similarity_of(x, y, shared_prefix)
-        certain = todo & (lower >= delta)
-        sim[certain] = lower[certain]
-        todo &= ~certain
-        # positional bound: common latents after the last shared prefix latent fit in both remainders
-        rest = np.minimum(index.sizes[x] - 1 - last_x, index.sizes[y] - 1 - last_y)
-        upper = index.similarity_of(x, y, shared_prefix + rest)
-        hopeless = todo & (upper < delta)
-        sim[hopeless] = lower[hopeless]
-        todo &= ~hopeless
-        # a row with one certified conflict needs no more comparisons
-        if settle:
-            settled = np.zeros(int(x.max()) + 1, dtype=bool)
-            settled[x[certain]] = True
-            todo &= ~settled[x]
-    picks = np.flatnonzero(todo)
-    # in chunks of pairs, so the per-entry temporaries stay in cache
-    step = max(1, _VERIFY_ENTRIES // max(int(index.sizes.max()) if index.n else 1, 1))
-    for begin in range(0, len(picks), step):
-        chunk = picks[begin : begin + step]
-        sim[chunk] = _exact_similarity(index, x[chunk], y[chunk], lookup)
-    return _Pairs(x, y, sim, verified=len(picks))
-
-
-def _exact_similarity(index: SimScaleIndex, x: np.ndarray, y: np.ndarray, lookup: _BlockLookup) -> np.ndarray:
-    """Look every latent of ``y`` up in the block table of ``x`` and combine the matches."""
-    positions, pair = _entries(index.indptr, y, index.sizes[y])
-    slots = lookup.table[(x - lookup.start)[pair] * index.num_latents + index.ranks[positions]]
-    if index.similarity == "jaccard":
-        shared = np.bincount(pair[slots], minlength=len(x)).astype(np.float64)
-    else:
-        assert index.values is not None
-        match = slots > 0
-        x_positions = slots[match] - 1
-        products = index.values[positions[match]] * index.values[x_positions]
-        shared = np.bincount(pair[match], weights=products, minlength=len(x))
-    return index.similarity_of(x, y, shared)
-
-
-def _decide_block(
-    index: SimScaleIndex,
-    rows: np.ndarray,
-    start: int,
-    conflict: np.ndarray,
-    best: np.ndarray,
-    within: _Pairs,
-    delta: float,
-    empty_taken: bool,
-    room: int,
-) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Accept the block's rows in walk order (at most ``room``), using pairs inside the block."""
-    order = np.lexsort((within.y, within.x))
-    px, py, ps = within.x[order] - start, within.y[order] - start, within.sim[order]
-    bounds = np.searchsorted(px, np.arange(len(rows) + 1))
-    taken = np.zeros(len(rows), dtype=bool)
-    chosen: list[int] = []
-    sims: list[float] = []
-    empty_rows = index.sizes[rows] == 0
-    for local in range(len(rows)):
-        if conflict[local]:
-            continue
-        low, high = bounds[local], bounds[local + 1]
-        partners_taken = taken[py[low:high]]
-        similarity = float(best[local])
-        if partners_taken.any():
-            partner_sims = ps[low:high][partners_taken]
-            if (partner_sims >= delta).any():
-                continue
-            similarity = max(similarity, float(partner_sims.max()))
-        if empty_rows[local]:  # similarity(∅, ∅) = 1: below δ only when δ > 1
-            if empty_taken and delta <= 1.0:
-                continue
-            similarity = max(similarity, 1.0 if empty_taken else 0.0)
-            empty_taken = True
-        taken[local] = True
-        chosen.append(start + local)
-        sims.append(similarity)
-        if len(chosen) == room:
-            break
-    return np.asarray(chosen, dtype=np.int64), np.asarray(sims, dtype=np.float64), empty_taken
+    def _gallop(
+        self, low: float, high: float, guess: float, tolerance: float, max_steps: int
+    ) -> tuple[float, float, SimScalePass | None]:
+        """Narrow ``(low, high)`` around ``guess``: a pass there, then passes ``tolerance``, ``2·tolerance``, ...
+        further in the direction it points to, until the outcome flips (or a bound is reached)."""
+        best = None
+        outcome = self.run(guess)
+        going_down = len(outcome.positions) >= self.budget
+        if going_down:
+            high, best = guess, outcome
+        else:
+            low = guess
+        step = tolerance
+        while len(self.steps) < max_steps:
+            point = high - step if going_down else low + step
+            if not low < point < high:
+                break
+            outcome = self.run(point)
+            if len(outcome.positions) >= self.budget:
+                high, best = point, outcome
+            else:
+                low = point
+            if (len(outcome.positions) >= self.budget) != going_down:
+                break
+            step *= 2
+        return low, high, best
 
 
 # -- the selector ---------------------------------------------------------------------------------------------
@@ -530,13 +869,27 @@ class SAESimScaleSelector(SAEFeatureOptions, Selector):
     """
 
     delta: float | None = None
-    """Similarity threshold; ``None``: the smallest δ (to ``delta_tolerance``) that yields the budget."""
+    """Similarity threshold: a row is kept when its similarity to every kept row is below it (δ > 1 keeps
+    every row). ``None``: found by bisection, the smallest δ tried (to ``delta_tolerance``) whose pass yields
+    the budget. A given δ whose pass yields fewer rows than the budget is an error."""
     similarity: str = "jaccard"
     """``jaccard`` on active-latent sets, or ``cosine`` on the pooled activation values."""
     values_column: str = DEFAULT_VALUES_COLUMN
     """Column of pooled activation values (used by ``similarity="cosine"``)."""
     delta_tolerance: float = 5e-3
     """Bisection stops when the bracket around δ is this narrow."""
+    max_latent_frequency: float | None = None
+    """Stop latents, a fraction in (0, 1]. ``None`` (default): the similarity is on the full active-latent
+    sets, exactly as ALGORITHMS.md §4. Set (e.g. 0.01): the latents active in more than this fraction of the pool's
+    rows are dropped from every row first, and the similarity, hence δ and the selection, is that of the
+    remaining informative latents (exact for it; the walk order keeps the full counts). Much faster when the δ
+    found is low; a different, not an approximate, selection (benchmarks/results/sae_selectors.md)."""
+    delta_sample_size: int | None = None
+    """Only when δ is not given: rows of a seeded random sample (and half of it) on which δ is guessed first,
+    to save full passes. ``None``: 1/16 of pools of 50,000 rows or more, no sample below; ``0``: never. The
+    result is always a full-pool pass with the exact budget; the δ found can differ by about
+    ``delta_tolerance`` from the one found without a sample (another δ meeting the same criterion), so the
+    rows can differ slightly."""
     random_reference: bool = True
     """Also record the coverage curve of a random subset of the same size (for the report)."""
 
@@ -554,6 +907,15 @@ class SAESimScaleSelector(SAEFeatureOptions, Selector):
             raise InputError(f"delta must be a number (similarity threshold), got {self.delta!r}.")
         if not (isinstance(self.delta_tolerance, int | float) and 0 < self.delta_tolerance < 1):
             raise InputError(f"delta_tolerance must be in (0, 1), got {self.delta_tolerance!r}.")
+        check_max_latent_frequency(self.max_latent_frequency)
+        if self.delta_sample_size is not None and (
+            isinstance(self.delta_sample_size, bool)
+            or not isinstance(self.delta_sample_size, int)
+            or self.delta_sample_size < 0
+        ):
+            raise InputError(
+                f"delta_sample_size must be a number of rows (0: no sample) or None, got {self.delta_sample_size!r}."
+            )
         has_values = self.values_column in dataset.column_names
         if self.similarity == "cosine" and has_values and self.features_column not in dataset.column_names:
             raise InputError(f"Column {self.values_column!r} is present but {self.features_column!r} is not.")
@@ -565,12 +927,18 @@ class SAESimScaleSelector(SAEFeatureOptions, Selector):
     def run(self, dataset: Dataset, budget: int, context: SelectionContext) -> SelectionOutput:
         values_column = self.values_column if self.similarity == "cosine" else None
         features = self.read_features(dataset, values_column)
+        sample_size = (
+            default_sample_size(features.n_rows) if self.delta_sample_size is None else self.delta_sample_size
+        )
+        index = SimScaleIndex.build(features, self.similarity, self.max_latent_frequency)
         outcome = simscale(
             features,
             budget,
             delta=self.delta,
-            similarity=self.similarity,
             delta_tolerance=self.delta_tolerance,
+            sample_size=sample_size if sample_size and sample_size < features.n_rows else None,
+            seed=context.seed,
+            index=index,
         )
         final = outcome.final
         positions = final.positions[:budget]
@@ -579,8 +947,12 @@ class SAESimScaleSelector(SAEFeatureOptions, Selector):
             delta=final.delta,
             delta_found_by="given" if self.delta is not None else "bisection",
             similarity=self.similarity,
+            max_latent_frequency=self.max_latent_frequency,
+            stop_latents=index.stop_latents,
+            delta_sample_size=sample_size if outcome.sample_steps else 0,
             bisection_steps=len(outcome.steps) if self.delta is None else 0,
             passes=outcome.steps,
+            sample_passes=outcome.sample_steps,
             rows_examined=final.examined,
         )
         scores = {

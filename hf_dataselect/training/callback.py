@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from transformers import TrainerCallback
 
+from hf_dataselect import atomic
 from hf_dataselect.errors import InputError
 from hf_dataselect.selection.iterative_kmq import ALLOCATIONS, IterativeKMQ, positions_digest
 from hf_dataselect.training.sampler import SelectionSampler
@@ -478,17 +478,9 @@ class DataSelectionCallback(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         source = self.output_folder
         if checkpoint.is_dir() and source.is_dir():
-            target = checkpoint / self.config.output_subdir
-            staging = Path(tempfile.mkdtemp(prefix=".data_selection.", dir=checkpoint))
-            try:
+            with atomic.staging_folder(checkpoint / self.config.output_subdir) as staging:
                 for item in source.glob("*.json"):
                     shutil.copy2(item, staging / item.name)
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(staging, target)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -763,17 +755,7 @@ class DataSelectionCallback(TrainerCallback):
         return Path(self._trainer.args.output_dir) / self.config.output_subdir
 
     def _write_json(self, name: str, data: dict[str, Any]) -> None:
-        folder = self.output_folder
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(data, stream, indent=1, ensure_ascii=False, default=_json_default)
-                stream.write("\n")
-            os.replace(temporary, folder / name)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic.write_json(self.output_folder / name, data, indent=1, default=_json_default)
 
     # -- processes ------------------------------------------------------------------------------------------
     @property

@@ -69,7 +69,7 @@ def sft_config(output_dir: str, **overrides: Any):
         "disable_tqdm": True,
         "seed": 0,
         "dataloader_num_workers": 0,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
     }
     options.update(overrides)
     return SFTConfig(**options)
