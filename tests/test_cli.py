@@ -210,3 +210,19 @@ def test_config_file_can_turn_off_a_boolean_that_defaults_to_true(tmp_path):
         ["--config", str(config), "--figures", "true"]
     )
     assert flags.figures is True
+
+
+def test_help_states_each_default_once():
+    from dataclasses import dataclass, field
+
+    from hf_dataselect.commands._parser import make_parser
+
+    @dataclass
+    class Flags:
+        model: str | None = field(default=None, metadata={"help": "Encoder (default: the offline MiniLM)."})
+        rows: int = field(default=7, metadata={"help": "Rows to read."})
+
+    text = " ".join(make_parser("t", "test", [Flags]).format_help().split())
+    assert "Encoder (default: the offline MiniLM)." in text
+    assert "(default: None)" not in text
+    assert "Rows to read. (default: 7)" in text

@@ -66,12 +66,22 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to a flag's help unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text.lower():
+            return help_text
+        return super()._get_help_string(action)
+
+
 def make_parser(prog: str, description: str, dataclass_types: Sequence[type]) -> ConfigParser:
     parser = ConfigParser(
         list(dataclass_types),
         prog=f"hf-dataselect {prog}",
         description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
         "--config", metavar="FILE.yaml", help="YAML file whose fields set the defaults of these flags."
