@@ -70,6 +70,38 @@ class EmbeddingOptions:
         return matrix_column(dataset, self.embedding_column)
 
 
+@dataclass
+class ClusteringOptions(EmbeddingOptions):
+    """Options of the selectors that cluster the pool (kMQ, iterative kMQ): reuse a cluster column or run k-means."""
+
+    k: int | None = None
+    """Number of clusters; ``None`` chooses it by silhouette over ``k_grid``."""
+    k_grid: list[int] | None = None
+    """Candidate ``k`` for the silhouette choice (default: around sqrt(n/2), ×¼ … ×4)."""
+    cluster_column: str = "cluster"
+    """Existing cluster ids to reuse; when absent, k-means runs and adds it (plus ``cluster_distance``)."""
+    kmeans_backend: str = "auto"
+    kmeans_niter: int = 20
+    max_points_per_centroid: int | None = None
+    """Train k-means on at most this many points per centroid (faiss-style subsampling); ``None``: all."""
+    silhouette_sample_size: int = 10_000
+
+    def fit_clusters(self, dataset: Dataset, seed: int) -> KMeans:
+        """k-means on the pool's embeddings with these options (labels and distances included)."""
+        kmeans = cluster_pool(
+            self.embeddings(dataset),
+            k=self.k,
+            k_grid=self.k_grid,
+            seed=seed,
+            backend=self.kmeans_backend,
+            niter=self.kmeans_niter,
+            max_points_per_centroid=self.max_points_per_centroid,
+            silhouette_sample_size=self.silhouette_sample_size,
+        )
+        assert kmeans.labels is not None and kmeans.distances is not None
+        return kmeans
+
+
 def cluster_pool(
     embeddings: np.ndarray,
     *,

@@ -48,7 +48,7 @@ import numpy as np
 from hf_dataselect.errors import InputError
 from hf_dataselect.selection.allocation import allocate_budget, gumbel_keys, top_m_by_group
 from hf_dataselect.selection.base import SelectionContext, SelectionOutput, Selector, register_selector
-from hf_dataselect.selection.columns import EmbeddingOptions, check_k, cluster_pool
+from hf_dataselect.selection.columns import ClusteringOptions, check_k, cluster_labels
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -417,7 +417,7 @@ class IterativeKMQ:
 # -- offline selector ----------------------------------------------------------------------------------------
 @register_selector("iterative-kmq")
 @dataclass
-class IterativeKMQSelector(EmbeddingOptions, Selector):
+class IterativeKMQSelector(ClusteringOptions, Selector):
     """Iterative kMQ offline: rounds reweighted by a per-row score column instead of a model in training.
 
     The budget is split over ``rounds`` (as evenly as possible); after each round the scores of the rows it
@@ -434,14 +434,6 @@ class IterativeKMQSelector(EmbeddingOptions, Selector):
     """Optional in-cluster sampling weights ∝ exp(q / quality_temperature), as in kMQ."""
     quality_temperature: float = 1.0
     allocation: str = "largest_remainder"
-    k: int | None = None
-    k_grid: list[int] | None = None
-    cluster_column: str = "cluster"
-    """Existing cluster ids to reuse; when absent, k-means runs and adds it (plus ``cluster_distance``)."""
-    kmeans_backend: str = "auto"
-    kmeans_niter: int = 20
-    max_points_per_centroid: int | None = None
-    silhouette_sample_size: int = 10_000
 
     def validate(self, dataset: Dataset, budget: int, context: SelectionContext) -> None:
         from hf_dataselect.data import numeric_column
@@ -475,7 +467,6 @@ class IterativeKMQSelector(EmbeddingOptions, Selector):
 
     def run(self, dataset: Dataset, budget: int, context: SelectionContext) -> SelectionOutput:
         from hf_dataselect.data import numeric_column
-        from hf_dataselect.selection.columns import cluster_labels
 
         info: dict[str, Any] = {}
         new_columns: dict[str, np.ndarray] = {}
@@ -484,17 +475,7 @@ class IterativeKMQSelector(EmbeddingOptions, Selector):
             labels = cluster_labels(dataset, self.cluster_column)
             info["clustering"] = {"source": f"column {self.cluster_column!r}", "k": int(labels.max()) + 1}
         else:
-            kmeans = cluster_pool(
-                self.embeddings(dataset),
-                k=self.k,
-                k_grid=self.k_grid,
-                seed=context.seed,
-                backend=self.kmeans_backend,
-                niter=self.kmeans_niter,
-                max_points_per_centroid=self.max_points_per_centroid,
-                silhouette_sample_size=self.silhouette_sample_size,
-            )
-            assert kmeans.labels is not None and kmeans.distances is not None
+            kmeans = self.fit_clusters(dataset, context.seed)
             labels = kmeans.labels
             info["clustering"] = kmeans.metadata()
             new_columns = {self.cluster_column: labels, f"{self.cluster_column}_distance": kmeans.distances}

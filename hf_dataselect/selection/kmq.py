@@ -26,7 +26,7 @@ from hf_dataselect.selection.base import (
     register_selector,
     register_variant,
 )
-from hf_dataselect.selection.columns import EmbeddingOptions, check_k, cluster_labels, cluster_pool
+from hf_dataselect.selection.columns import ClusteringOptions, check_k, cluster_labels
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -38,25 +38,14 @@ VARIANTS = ("quality", "random", "closest")
 
 @register_selector("kmq")
 @dataclass
-class KMQSelector(EmbeddingOptions, Selector):
+class KMQSelector(ClusteringOptions, Selector):
     """k-means + quality sampling. Options mirror the paper's knobs."""
 
-    k: int | None = None
-    """Number of clusters; ``None`` chooses it by silhouette over ``k_grid``."""
-    k_grid: list[int] | None = None
-    """Candidate ``k`` for the silhouette choice (default: around sqrt(n/2), ×¼ … ×4)."""
     quality_column: str | None = None
     """Numeric column ``q`` (higher is better); sampling ∝ exp(q / temperature). ``None``: uniform."""
     temperature: float = 1.0
     variant: str = "quality"
     """``quality`` (paper's kMQ), ``random`` (kM-Random) or ``closest`` (kM-Closest)."""
-    cluster_column: str = "cluster"
-    """Existing cluster ids to reuse; when absent, k-means runs and adds it (plus ``cluster_distance``)."""
-    kmeans_backend: str = "auto"
-    kmeans_niter: int = 20
-    max_points_per_centroid: int | None = None
-    """Train k-means on at most this many points per centroid (faiss-style subsampling); ``None``: all."""
-    silhouette_sample_size: int = 10_000
 
     def validate(self, dataset: Dataset, budget: int, context: SelectionContext) -> None:
         if self.variant not in VARIANTS:
@@ -88,17 +77,7 @@ class KMQSelector(EmbeddingOptions, Selector):
             distances = self._distances_to_means(dataset, labels) if self.variant == "closest" else None
             info["clustering"] = {"source": f"column {self.cluster_column!r}", "k": int(labels.max()) + 1}
         else:
-            kmeans = cluster_pool(
-                self.embeddings(dataset),
-                k=self.k,
-                k_grid=self.k_grid,
-                seed=context.seed,
-                backend=self.kmeans_backend,
-                niter=self.kmeans_niter,
-                max_points_per_centroid=self.max_points_per_centroid,
-                silhouette_sample_size=self.silhouette_sample_size,
-            )
-            assert kmeans.labels is not None and kmeans.distances is not None
+            kmeans = self.fit_clusters(dataset, context.seed)
             labels, distances = kmeans.labels, kmeans.distances
             info["clustering"] = kmeans.metadata()
             new_columns = {self.cluster_column: labels, f"{self.cluster_column}_distance": distances}
