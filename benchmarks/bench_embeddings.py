@@ -68,6 +68,7 @@ class Variant:
     map_batch_size: int = 1000
     autocast: bool = False
     int8: bool = False
+    fused_gelu: bool = True
 
 
 VARIANTS = [
@@ -78,7 +79,10 @@ VARIANTS = [
     Variant("int8 dynamic, 64 rows", "torch dynamic int8 quantisation of every Linear (fbgemm/VNNI)",
             {"dtype": "float32", "batch_size": 64, "max_batch_tokens": 10**9}, int8=True),
     Variant("bf16, 64 rows", "bf16 weights, batches of 64 rows", {"batch_size": 64, "max_batch_tokens": 10**9}),
-    Variant("default", "bf16 weights + token-budget batches (128 rows / 16,384 tokens) = Embeddings()", {}),
+    Variant("bf16, unfused GELU", "token-budget batches, GELU as its own op (before the oneDNN fusion)", {},
+            fused_gelu=False),
+    Variant("default", "bf16 weights + token-budget batches (128 rows / 16,384 tokens) + oneDNN Linear+GELU "
+            "= Embeddings()", {}),
     Variant("default, map batch 4000", "the default with dataset.map(batch_size=4000)", {}, map_batch_size=4000),
 ]  # fmt: skip
 
@@ -86,10 +90,16 @@ VARIANTS = [
 def build_transform(variant: Variant):
     import torch
 
+    from hf_dataselect.onednn_fusion import ENVIRONMENT_SWITCH
     from hf_dataselect.transforms.embed import Embeddings
 
     transform = Embeddings(**variant.options)
-    runtime = transform.runtime()  # load before timing
+    if not variant.fused_gelu:
+        os.environ[ENVIRONMENT_SWITCH] = "0"
+    try:
+        runtime = transform.runtime()  # load before timing
+    finally:
+        os.environ.pop(ENVIRONMENT_SWITCH, None)
     if variant.int8:
         runtime.model = torch.ao.quantization.quantize_dynamic(
             runtime.model, {torch.nn.Linear}, dtype=torch.qint8
@@ -257,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--t0-full-rows", type=int, default=5000, help="rows of the T0 whole-dataset pass")
     parser.add_argument("--rounds", type=int, default=3, help="rounds for the default configuration")
     parser.add_argument("--ablation-rounds", type=int, default=1, help="rounds for the other variants")
-    parser.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
+    parser.add_argument("--variants", default=None, help="variant names separated by ; (default: all)")
     parser.add_argument("--no-full", action="store_true", help="skip the whole-dataset passes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None)
@@ -276,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = VARIANTS
     if args.variants:
-        wanted = args.variants.split(",")
+        wanted = [name.strip() for name in args.variants.split(";")]
         variants = [v for v in VARIANTS if v.name in wanted]
     st_model = SentenceTransformer(default_encoder_path(), device="cpu")
     st_model.encode(["warm up"] * 8)

@@ -185,10 +185,12 @@ def simscale_case(args: argparse.Namespace) -> dict:
         max_latent_frequency=args.max_latent_frequency,
         sample_size=sample,
         seed=args.seed,
+        num_threads=args.threads,
     )
     seconds = time.perf_counter() - started
     return {
         "case": f"sae-simscale (jaccard, {'given δ' if args.delta is not None else 'auto δ'})",
+        "threads": args.threads or "default (one per core)",
         "rows": features.n_rows,
         "budget": budget,
         "max_latent_frequency": args.max_latent_frequency,
@@ -212,7 +214,7 @@ def simscale_walk_case(args: argparse.Namespace) -> dict:
     index = SimScaleIndex.build(features, "jaccard", args.max_latent_frequency)
     walked = index.take(np.arange(min(args.walk_rows, index.n)))
     started = time.perf_counter()
-    outcome = simscale_pass(walked, args.delta, walked.n)
+    outcome = simscale_pass(walked, args.delta, walked.n, num_threads=args.threads)
     return {
         "case": "sae-simscale walk (jaccard, fixed δ)",
         "rows": features.n_rows,
@@ -313,6 +315,9 @@ def main() -> None:
         type=sample_size,
         default="auto",
         help="simscale: rows of the sample that guesses δ first: a count, 'auto' (the selector's rule), 'none'",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="simscale: probe threads (default: per core)"
     )
     parser.add_argument("--walk-rows", type=int, default=100_000)
     parser.add_argument(

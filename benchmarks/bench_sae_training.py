@@ -44,6 +44,7 @@ def run_quality(args) -> dict:
         expansion_factor=16,
         k=32,
         batch_tokens=args.batch_tokens,
+        lr=args.lr,
         max_tokens=args.train_tokens,
         eval_fraction=0.1,
         max_length=args.max_length,
@@ -146,6 +147,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=None, help="default: MiniLM's 512 positions")
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--train-tokens", type=int, default=4_000_000)
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="Adam learning rate (default: the library's 1/sqrt(width) rule)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/hf_dataselect_bench_sae"))
     parser.add_argument("--sparsify-python", default="/work/venv-sparsify/bin/python")
@@ -153,12 +160,17 @@ def main() -> None:
     parser.add_argument("--speed-warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dead-fractions", type=float, nargs="+", default=[0.0, 0.1])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in the speed runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (training and speed runs)")
     parser.add_argument(
         "--skip-quality", action="store_true", help="reuse the activation cache of a former run"
     )
+    parser.add_argument("--skip-speed", action="store_true", help="only (a), no speed comparison")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "sae_training.json")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     check_data(args.lima, args.t0_dir)
     print(f"Data: {args.lima} and {args.t0_dir} (../shared/data)")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -176,11 +188,12 @@ def main() -> None:
             f"(never fired on held-out: {q['eval_dead_fraction']:.3%}), {q['training_tokens']:,} tokens, "
             f"{q['seconds']:.0f} s"
         )
-    batches = speed_batches(args)
-    raw = run_speed(args, batches)
-    report["speed_raw"] = raw
-    report["speed"] = summarize_speed(raw)
-    print("(b)", json.dumps(report["speed"], indent=1))
+    if not args.skip_speed:
+        batches = speed_batches(args)
+        raw = run_speed(args, batches)
+        report["speed_raw"] = raw
+        report["speed"] = summarize_speed(raw)
+        print("(b)", json.dumps(report["speed"], indent=1))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1, default=str))
     print(f"Wrote {args.output}")

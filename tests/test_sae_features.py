@@ -154,6 +154,30 @@ def test_auto_sae_is_trained_on_the_pool_once_and_reused(tiny_llama_path, pool, 
     assert min(out["sae_n_active"]) > 0
 
 
+def test_auto_sae_trains_on_activations_of_the_dtype_the_features_use(
+    tiny_llama_path, pool, tmp_path, monkeypatch
+):
+    from hf_dataselect import models
+
+    monkeypatch.setattr(models, "fast_inference_dtype", lambda device: torch.bfloat16)
+    seen = []
+    real_train = train_module.train_sae
+
+    def recording_train(*args, config, **kwargs):
+        seen.append(config.model_dtype)
+        return real_train(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_sae", recording_train)
+    auto = {"expansion_factor": 2, "k": 4, "train_tokens": 128, "batch_tokens": 64}
+    options = dict(model=str(tiny_llama_path), hookpoint=1, batch_size=8)
+    fast = SAEFeatures.for_pool(pool, cache_dir=tmp_path, auto_sae=auto, progress=False, **options)
+    exact = SAEFeatures.for_pool(
+        pool, cache_dir=tmp_path, auto_sae=auto, progress=False, dtype="float32", **options
+    )
+    assert seen == ["bfloat16", "float32"]  # one SAE per dtype, each cached under its own key
+    assert fast.sae != exact.sae
+
+
 def test_quantile_threshold_is_calibrated_once_on_the_pool(
     tiny_llama_path, sae_folder, pool, tmp_path, monkeypatch
 ):

@@ -3,6 +3,7 @@ exact budget with δ found automatically (also when a sample brackets it first),
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -82,6 +83,42 @@ def test_pass_equals_the_quadratic_definition(instance, block):
     features = SparseFeatures.from_lists(rows, values, num_latents=latents)
     walk = simscale_pass(SimScaleIndex.build(features, kind, stop), delta, budget, block=block)
     assert walk.positions.tolist() == brute_simscale(rows, values, delta, budget, kind, stop)
+
+
+@settings(max_examples=150, deadline=None)
+@given(instances(), st.sampled_from([4, 9, None]), st.integers(1, 6), st.integers(1, 30))
+def test_probe_threads_change_nothing(instance, block, segment, chunk):
+    # blocks split between threads, each thread scoring its rows against many small index segments
+    rows, values, latents, delta, budget, kind, stop = instance
+    features = SparseFeatures.from_lists(rows, values, num_latents=latents)
+    index = SimScaleIndex.build(features, kind, stop)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sae_simscale, "_SEGMENT_ENTRIES", segment)
+        patch.setattr(sae_simscale, "_CHUNK_POSTINGS", chunk)
+        serial = simscale_pass(index, delta, budget, block=block, num_threads=1)
+        threaded = simscale_pass(index, delta, budget, block=block, num_threads=3)
+    assert threaded.positions.tolist() == serial.positions.tolist()
+    assert threaded.positions.tolist() == brute_simscale(rows, values, delta, budget, kind, stop)
+    assert np.array_equal(threaded.max_similarity, serial.max_similarity)
+    assert (threaded.candidate_pairs, threaded.verified_pairs) == (
+        serial.candidate_pairs,
+        serial.verified_pairs,
+    )
+
+
+def test_balanced_parts_cover_the_block_in_order():
+    sizes = np.array([5, 1, 1, 1, 1, 5, 2, 2, 2, 0])
+    parts = sae_simscale._balanced_parts(sizes, 3)
+    assert parts[0][0] == 0 and parts[-1][1] == len(sizes)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
+    assert [int(sizes[a:b].sum()) for a, b in parts] == [7, 7, 6]
+    assert sae_simscale._balanced_parts(sizes[:3], 2) == [(0, 3)]  # too few rows to split
+
+
+def test_threads_must_be_a_positive_integer():
+    index = SimScaleIndex.build(SparseFeatures.from_lists([[0], [1]], num_latents=2))
+    with pytest.raises(InputError, match="num_threads must be a positive integer"):
+        simscale_pass(index, 0.5, 1, num_threads=0)
 
 
 @settings(max_examples=150, deadline=None)

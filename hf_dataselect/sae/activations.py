@@ -264,9 +264,11 @@ def load_reader(
     ``dtype``: a name (``"auto"``: fp32 on CPU, see :func:`hf_dataselect.models.resolve_dtype`) or a torch dtype.
     """
     from hf_dataselect import models
+    from hf_dataselect.onednn_fusion import fuse_linear_gelu
 
     tokenizer = models.load_tokenizer(model, trust_remote_code=trust_remote_code)
     lm = models.load_model(
         model, kind="base", device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )
+    fuse_linear_gelu(lm)
     return HiddenStateReader(lm, tokenizer, hookpoint, max_length=max_length, batch_size=batch_size)

@@ -34,7 +34,7 @@ from hf_dataselect.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the model dtype is part of the key
 """Bumped when what a cached SAE or threshold means changes (the key includes it)."""
 
 
@@ -149,6 +149,7 @@ def pool_sae(
             "model": canonical_model_name(model),
             "hookpoint": None if hookpoint is None else str(hookpoint),
             "max_length": max_length,
+            "dtype": dtype,
             "config": asdict(config),
         }
     )

@@ -52,6 +52,11 @@ which no prefix, size or positional filter removes (nor MinHash-LSH: at such δ 
 too). The δ that bisection finds for a budget of 10 % of a pool is low, so that regime is the common one;
 stop latents shrink ``P`` (benchmarks/results/sae_selectors.md).
 
+Threads: a block's rows are scored against the earlier picks independently of each other, so that phase is
+split into contiguous parts of about equal work, one per thread (scipy's sparse product and numpy's kernels
+release the GIL). Each thread writes only its own rows' verdicts; the decisions inside the block stay
+sequential, so the outcome is the same for any number of threads (tested).
+
 Finding δ
 ---------
 Bisection keeps a δ whose full pass fails (yields fewer than the budget) and one whose pass succeeds. With a
@@ -70,11 +75,15 @@ with cosine on values that can be negative, where a row with a negative cosine t
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -102,6 +111,7 @@ _MARGIN = 1e-9  # float safety margin on prefix boundaries (only ever lengthens 
 _SAMPLE_FROM_ROWS = 50_000  # pools at least this large bracket δ on a sample first (by default)
 _ABOVE_ONE = 1.0 + 1e-6  # every similarity is <= 1 (cosine up to rounding) < this δ: every row is accepted
 _TAIL_ROWS = 1024  # rows per chunk of the cosine tail norms (bounds their float cancellation error)
+_MAX_THREADS = 8  # probe threads at most (by default one per available core)
 _PROGRESS_BLOCKS = 64  # blocks between progress lines of a pass (logging level DEBUG)
 
 
@@ -252,6 +262,11 @@ def check_max_latent_frequency(value: float | None) -> None:
         raise InputError(f"max_latent_frequency must be a fraction in (0, 1] or None, got {value!r}.")
 
 
+def check_num_threads(value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InputError(f"num_threads must be a positive integer or None, got {value!r}.")
+
+
 def _informative_sizes(features: SparseFeatures, informative: np.ndarray) -> np.ndarray:
     """Per row (pool order), the number of its latents that are not stop latents."""
     if informative.all():
@@ -329,9 +344,33 @@ def _tail_norms(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
 
 # -- one pass ---------------------------------------------------------------------------------------------
 def simscale_pass(
-    index: SimScaleIndex, delta: float, budget: int, *, block: int | None = None
+    index: SimScaleIndex,
+    delta: float,
+    budget: int,
+    *,
+    block: int | None = None,
+    num_threads: int | None = None,
 ) -> SimScalePass:
-    """One SimScale walk at threshold ``delta`` that stops once ``budget`` rows are accepted."""
+    """One SimScale walk at threshold ``delta`` that stops once ``budget`` rows are accepted.
+
+    ``num_threads``: rows of a block are probed against the earlier picks in this many threads (``None``: one per
+    available core, at most ``_MAX_THREADS``). The rows of a block are independent in that phase and the work
+    is numpy and scipy kernels that release the GIL; the decisions stay sequential, so the outcome does not
+    depend on the number of threads.
+    """
+    workers = _probe_threads(num_threads)
+    with _probe_executor(workers) as executor:
+        return _walk(index, delta, budget, block, executor, workers)
+
+
+def _walk(
+    index: SimScaleIndex,
+    delta: float,
+    budget: int,
+    block: int | None,
+    executor: ThreadPoolExecutor | None,
+    workers: int,
+) -> SimScalePass:
     n = index.n
     if n == 0 or (delta <= 0 and index.nonnegative):  # every pair is at or above δ: only the first row stays
         return SimScalePass(delta, index.order[:1].copy(), np.zeros(min(n, 1)), examined=min(n, 1))
@@ -352,10 +391,11 @@ def simscale_pass(
         table.fill(start, stop)
         # against the rows accepted before the block, reduced to one verdict per row as the pairs come
         earlier = _Verdicts(stop - start)
-        for pairs in accepted.probe(start, stop, earlier):
-            scored = _similarities(index, table, bounds, delta, pairs, settle=True)
-            earlier.update(scored, start, delta)
-            candidates, verified = candidates + scored.candidates, verified + scored.verified
+
+        probe = functools.partial(_probe_earlier, accepted, table, bounds, delta, start, stop, earlier)
+        parts = _balanced_parts(index.sizes[start:stop], workers)
+        for found, checked in executor.map(probe, parts) if executor else map(probe, parts):
+            candidates, verified = candidates + found, verified + checked
         # inside the block, among the rows still alive (a rejected row blocks nobody)
         alive = start + np.flatnonzero(~earlier.conflict)
         inner = _similarities(
@@ -391,6 +431,53 @@ def simscale_pass(
         candidate_pairs=candidates,
         verified_pairs=verified,
     )
+
+
+def _probe_earlier(
+    accepted: _AcceptedPrefixes,
+    table: _BlockTable,
+    bounds: _Bounds,
+    delta: float,
+    start: int,
+    stop: int,
+    earlier: _Verdicts,
+    part: tuple[int, int],
+) -> tuple[int, int]:
+    """Score the block rows ``part`` against the rows accepted before the block, into ``earlier``; returns
+    the numbers of candidate and verified pairs."""
+    candidates = verified = 0
+    for pairs in accepted.probe(start, stop, earlier, part):
+        scored = _similarities(accepted.index, table, bounds, delta, pairs, settle=True)
+        earlier.update(scored, start, delta)
+        candidates, verified = candidates + scored.candidates, verified + scored.verified
+    return candidates, verified
+
+
+def _probe_threads(num_threads: int | None) -> int:
+    if num_threads is not None:
+        check_num_threads(num_threads)
+        return num_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, _MAX_THREADS)
+
+
+@contextlib.contextmanager
+def _probe_executor(workers: int) -> Iterator[ThreadPoolExecutor | None]:
+    if workers <= 1:
+        yield None
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="simscale") as executor:
+        yield executor
+
+
+def _balanced_parts(sizes: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges of block rows with about equal numbers of latents (the probe's work)."""
+    if parts <= 1 or len(sizes) < 2 * parts:
+        return [(0, len(sizes))]
+    running = np.cumsum(sizes)
+    cuts = np.searchsorted(running, running[-1] * np.arange(1, parts) / parts) + 1
+    bounds = [0, *np.unique(np.clip(cuts, 1, len(sizes) - 1)).tolist(), len(sizes)]
+    return list(itertools.pairwise(bounds))
 
 
 def _nonpositive_delta_pass(index: SimScaleIndex, delta: float, budget: int) -> SimScalePass:
@@ -463,6 +550,8 @@ class _Segment(NamedTuple):
     cols: np.ndarray
     data: np.ndarray
     rows: np.ndarray
+    postings: np.ndarray | None = None
+    """Entries per latent rank (set once the segment is final)."""
 
     def merge(self, newer: _Segment) -> _Segment:
         ranks = np.concatenate([self.ranks, newer.ranks])
@@ -499,25 +588,38 @@ class _AcceptedPrefixes:
         ):
             self.matrices.pop()
             segment = self.segments.pop().merge(segment)
+        postings = np.bincount(segment.ranks, minlength=self.index.num_latents)
+        segment = segment._replace(postings=postings)
         self.segments.append(segment)
         indptr = np.zeros(self.index.num_latents + 1, dtype=np.int64)
-        np.cumsum(np.bincount(segment.ranks, minlength=self.index.num_latents), out=indptr[1:])
+        np.cumsum(postings, out=indptr[1:])
         self.matrices.append(_csr(segment.data, segment.cols, indptr, (len(indptr) - 1, len(segment.rows))))
 
-    def probe(self, start: int, stop: int, earlier: _Verdicts) -> Iterator[_Candidates]:
-        """Accepted rows ``y`` sharing a latent of their prefix with walk rows ``start:stop``, and the shared
-        mass. Segment by segment, oldest first, so that a row found in conflict (``earlier.conflict``, updated
-        by the caller between chunks) is not probed against the later segments; within a segment, in chunks
-        of whole rows that touch at most about ``_CHUNK_POSTINGS`` postings."""
+    def probe(
+        self, start: int, stop: int, earlier: _Verdicts, part: tuple[int, int] | None = None
+    ) -> Iterator[_Candidates]:
+        """Accepted rows ``y`` sharing a latent of their prefix with walk rows ``start:stop`` (of those, the
+        block rows ``part``), and the shared mass. Segment by segment, oldest first, so that a row found in
+        conflict (``earlier.conflict``, updated by the caller between chunks) is not probed against the later
+        segments; within a segment, in one product when the rows and the segment's columns make at most
+        ``_CHUNK_POSTINGS`` pairs, else in chunks of whole rows that touch at most about that many postings
+        (either bounds the pairs held at once)."""
         index = self.index
+        first_row, end_row = part or (0, stop - start)
+        query_rows, query = np.zeros(0, dtype=np.int64), None
         for matrix, segment in zip(self.matrices, self.segments, strict=True):
-            rows = start + np.flatnonzero(~earlier.conflict)
+            rows = start + first_row + np.flatnonzero(~earlier.conflict[first_row:end_row])
             if not len(rows):
                 return
+            if len(rows) * len(segment.rows) <= _CHUNK_POSTINGS:
+                if query is None or not np.array_equal(rows, query_rows):  # rebuilt only when rows died
+                    query_rows, query = rows, index.leading_matrix(rows, index.sizes[rows])
+                yield _Candidates.from_product((query @ matrix).tocsr(), rows, segment.rows)
+                continue
             sizes = index.sizes[rows]
             positions, _ = _ranges(index.indptr[rows], sizes)
             work = np.zeros(len(positions) + 1, dtype=np.int64)  # postings touched, per row boundary
-            np.cumsum(np.diff(matrix.indptr)[index.ranks[positions]], out=work[1:])
+            np.cumsum(segment.postings[index.ranks[positions]], out=work[1:])
             work = work[np.r_[0, np.cumsum(sizes)]]
             first = 0
             while first < len(rows):
@@ -656,9 +758,15 @@ class _Verdicts:
         self.best = np.zeros(rows, dtype=np.float64)
 
     def update(self, scored: _Pairs, start: int, delta: float) -> None:
+        """Record scored pairs whose ``x`` are grouped (equal ``x`` adjacent, as the probe yields them); only
+        the rows of those ``x`` are written, so parts of a block can be updated from different threads."""
+        if not len(scored.x):
+            return
         local = scored.x - start
         self.conflict[local[scored.sim >= delta]] = True
-        np.maximum.at(self.best, local, scored.sim)
+        heads = np.flatnonzero(np.r_[True, local[1:] != local[:-1]])
+        rows = local[heads]
+        self.best[rows] = np.maximum(self.best[rows], np.maximum.reduceat(scored.sim, heads))
 
 
 def _decide_block(
@@ -708,16 +816,18 @@ def simscale(
     sample_size: int | None = None,
     seed: int = 0,
     index: SimScaleIndex | None = None,
+    num_threads: int | None = None,
 ) -> SimScaleOutcome:
     """SimScale selection of exactly ``budget`` rows, with δ given or found by bisection.
 
     ``sample_size``: rows of the seeded sample on which δ is first guessed (``None`` or below 2: no sample).
+    ``num_threads``: threads of each pass (see :func:`simscale_pass`).
     """
     n = features.n_rows
     if not 1 <= budget <= n:
         raise InputError(f"budget must be between 1 and the pool size ({n}), got {budget}.")
     index = index or SimScaleIndex.build(features, similarity, max_latent_frequency)
-    full = _Search(index, budget)
+    full = _Search(index, budget, num_threads)
     if delta is not None:
         outcome = full.run(float(delta))
         if len(outcome.positions) < budget:
@@ -728,13 +838,21 @@ def simscale(
         return SimScaleOutcome(outcome, full.steps)
     guess, sample_steps = None, []
     if sample_size is not None and budget > 1 and 2 <= sample_size < n:
-        guess, sample_steps = _sample_guess(index, budget, sample_size, seed, delta_tolerance, max_steps)
+        guess, sample_steps = _sample_guess(
+            index, budget, sample_size, seed, delta_tolerance, max_steps, num_threads
+        )
     final = full.bisect(0.0, _ABOVE_ONE, delta_tolerance, max_steps, guess=guess)
     return SimScaleOutcome(final, full.steps, sample_steps)
 
 
 def _sample_guess(
-    index: SimScaleIndex, budget: int, sample_size: int, seed: int, tolerance: float, max_steps: int
+    index: SimScaleIndex,
+    budget: int,
+    sample_size: int,
+    seed: int,
+    tolerance: float,
+    max_steps: int,
+    num_threads: int | None = None,
 ) -> tuple[float, list[dict[str, Any]]]:
     """A δ whose full pass should yield about the budget, from whole passes on a seeded sample and on half
     of it.
@@ -753,7 +871,7 @@ def _sample_guess(
     # a pass costs ~ rows walked × rows kept: stop the sample passes at the yield that, with α >= 1/2, already
     # reaches the budget (such a δ counts as high enough)
     cap = max(2, min(sample.n, math.ceil(budget * math.exp(-growth / 2))))
-    whole, halves = _Search(sample, cap), _Search(half, cap)
+    whole, halves = _Search(sample, cap, num_threads), _Search(half, cap, num_threads)
     low, high = 0.0, _ABOVE_ONE
     while high - low > tolerance * (1 + 1e-9) and len(whole.steps) < max_steps:
         middle = (low + high) / 2
@@ -781,14 +899,15 @@ def default_sample_size(n: int) -> int | None:
 class _Search:
     """Passes at chosen δ on one index with one budget, each recorded in ``steps``."""
 
-    def __init__(self, index: SimScaleIndex, budget: int) -> None:
+    def __init__(self, index: SimScaleIndex, budget: int, num_threads: int | None = None) -> None:
         self.index = index
         self.budget = budget
+        self.num_threads = num_threads
         self.steps: list[dict[str, Any]] = []
 
     def run(self, delta: float) -> SimScalePass:
         started = time.perf_counter()
-        outcome = simscale_pass(self.index, delta, self.budget)
+        outcome = simscale_pass(self.index, delta, self.budget, num_threads=self.num_threads)
         self.steps.append(
             {
                 "delta": delta,
@@ -892,6 +1011,9 @@ class SAESimScaleSelector(SAEFeatureOptions, Selector):
     rows can differ slightly."""
     random_reference: bool = True
     """Also record the coverage curve of a random subset of the same size (for the report)."""
+    num_threads: int | None = None
+    """Threads that score a block of rows against the earlier picks (``None``: one per available core, at most
+    8). The selection does not depend on it."""
 
     def _extra_columns(self) -> tuple[str, ...]:
         return (self.values_column,) if self.similarity == "cosine" else ()
@@ -908,6 +1030,7 @@ class SAESimScaleSelector(SAEFeatureOptions, Selector):
         if not (isinstance(self.delta_tolerance, int | float) and 0 < self.delta_tolerance < 1):
             raise InputError(f"delta_tolerance must be in (0, 1), got {self.delta_tolerance!r}.")
         check_max_latent_frequency(self.max_latent_frequency)
+        check_num_threads(self.num_threads)
         if self.delta_sample_size is not None and (
             isinstance(self.delta_sample_size, bool)
             or not isinstance(self.delta_sample_size, int)
@@ -939,6 +1062,7 @@ class SAESimScaleSelector(SAEFeatureOptions, Selector):
             sample_size=sample_size if sample_size and sample_size < features.n_rows else None,
             seed=context.seed,
             index=index,
+            num_threads=self.num_threads,
         )
         final = outcome.final
         positions = final.positions[:budget]

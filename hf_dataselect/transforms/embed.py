@@ -13,6 +13,9 @@ Why it is fast (``benchmarks/results/embeddings.md`` has the numbers):
   CPUs, while pooling and normalisation stay in fp32 (cosine to fp32 embeddings ≥ 0.999 in the benchmark).
   ``dtype="float32"`` keeps full precision. int8 dynamic quantisation and ``torch.compile`` were measured and
   rejected (cosine 0.93–0.98 to fp32; slower after a 40 s compile).
+* **Fused Linear + GELU** (bf16 on CPU, BERT-family encoders): each block's intermediate projection runs
+  with its GELU as a oneDNN post-op instead of a separate pass over the widest activation
+  (:mod:`hf_dataselect.onednn_fusion`; verified against the module's own forward when the model loads).
 * **Token-budget batches**: each ``.map`` batch is tokenized once, sorted by length, and cut into model
   batches of at most ``max_batch_tokens`` padded tokens (and ``batch_size`` rows), so short texts run in
   large batches and long ones in small batches, with almost no padding.
@@ -134,6 +137,7 @@ class _Encoder:
 
     def __init__(self, config: Embeddings) -> None:
         from hf_dataselect import models
+        from hf_dataselect.onednn_fusion import fuse_linear_gelu
 
         self.device = models.resolve_device(config.device)
         self.dtype = (
@@ -145,6 +149,7 @@ class _Encoder:
         self.model = models.load_model(
             config.model, device=self.device, dtype=self.dtype, trust_remote_code=config.trust_remote_code
         )
+        fuse_linear_gelu(self.model)
         self.pooling = config.pooling
         if self.pooling == "auto":
             self.pooling = "last" if models.is_decoder_only(self.model.config) else "mean"

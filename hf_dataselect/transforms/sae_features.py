@@ -158,7 +158,8 @@ class SAEFeatures(MapTransform):
                 hookpoint=self.hookpoint,
                 max_length=self.max_length,
                 device=self.device,
-                dtype=self.dtype,
+                # train on activations of the dtype the features will be read in (bf16 on some CPUs)
+                dtype=str(self.model_dtype()).removeprefix("torch."),
                 trust_remote_code=self.trust_remote_code,
                 config=auto.AutoSAEConfig.coerce(auto_sae)
                 if auto_sae is not None
