@@ -45,6 +45,7 @@ def run_quality(args) -> dict:
         k=32,
         batch_tokens=args.batch_tokens,
         lr=args.lr,
+        lr_decay_fraction=args.lr_decay_fraction,
         max_tokens=args.train_tokens,
         eval_fraction=0.1,
         max_length=args.max_length,
@@ -152,6 +153,9 @@ def main() -> None:
         type=float,
         default=None,
         help="Adam learning rate (default: the library's 1/sqrt(width) rule)",
+    )
+    parser.add_argument(
+        "--lr-decay-fraction", type=float, default=0.2, help="final fraction of the run with linear lr decay"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/hf_dataselect_bench_sae"))
