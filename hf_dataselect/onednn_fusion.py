@@ -52,14 +52,12 @@ def fuse_linear_gelu(model: torch.nn.Module) -> int:
         return 0
     fused = 0
     for name, module in model.named_modules():
-        if (
-            _is_linear_then_activation(module)
-            and _is_exact_gelu(module.intermediate_act_fn)
-            and _fused_matches(module)
-        ):
+        if not _is_linear_then_activation(module):
+            continue
+        if _is_exact_gelu(module.intermediate_act_fn) and _fused_matches(module):
             module.forward = functools.partial(_fused_forward, module.dense, module.forward)
             fused += 1
-        elif _is_linear_then_activation(module):
+        else:
             logger.debug("Not fusing %s: its forward differs from Linear + exact GELU.", name)
     return fused
 

@@ -606,13 +606,14 @@ class _AcceptedPrefixes:
         (either bounds the pairs held at once)."""
         index = self.index
         first_row, end_row = part or (0, stop - start)
-        query_rows, query = np.zeros(0, dtype=np.int64), None
+        query_rows: np.ndarray | None = None
+        query = None
         for matrix, segment in zip(self.matrices, self.segments, strict=True):
             rows = start + first_row + np.flatnonzero(~earlier.conflict[first_row:end_row])
             if not len(rows):
                 return
             if len(rows) * len(segment.rows) <= _CHUNK_POSTINGS:
-                if query is None or not np.array_equal(rows, query_rows):  # rebuilt only when rows died
+                if query_rows is None or not np.array_equal(rows, query_rows):  # rebuilt only when rows died
                     query_rows, query = rows, index.leading_matrix(rows, index.sizes[rows])
                 yield _Candidates.from_product((query @ matrix).tocsr(), rows, segment.rows)
                 continue
