@@ -3,12 +3,13 @@ exact budget with δ found automatically (also when a sample brackets it first),
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import Counter
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 from hf_dataselect.errors import InputError
@@ -46,14 +47,20 @@ def without_stop_latents(rows, values, max_latent_frequency):
 
 
 def brute_walk(order, rows, values, delta, budget, kind):
-    """Walk ``order``; keep a row if its similarity to every kept row is below δ."""
+    """Walk ``order``; keep a row if its similarity to every kept row is below δ.
+
+    A cosine within 1e-9 of δ is a tie that floating point cannot decide (two identical rows have cosine 1 in
+    exact arithmetic, 0.9999999999999999 here): hypothesis discards such an instance."""
     if delta <= 0:
         return order[:1]
     kept = []
     for i in order:
         if len(kept) == budget:
             break
-        if all(brute_similarity(rows, values, i, j, kind) < delta for j in kept):
+        sims = [brute_similarity(rows, values, i, j, kind) for j in kept]
+        if kind == "cosine" and any(abs(sim - delta) <= 1e-9 for sim in sims):
+            reject()
+        if all(sim < delta for sim in sims):
             kept.append(i)
     return kept
 
@@ -104,6 +111,61 @@ def test_probe_threads_change_nothing(instance, block, segment, chunk):
         serial.candidate_pairs,
         serial.verified_pairs,
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances(), st.sampled_from([4, 9, None]), st.integers(1, 6), st.integers(1, 30))
+def test_dropping_pairs_that_cannot_reach_delta_changes_nothing(instance, block, segment, chunk):
+    # the probe drops candidate pairs whose upper bound is below δ before scoring them; the reference keeps them
+    rows, values, latents, delta, budget, kind, stop = instance
+    index = SimScaleIndex.build(SparseFeatures.from_lists(rows, values, num_latents=latents), kind, stop)
+    at = sae_simscale._Bounds.at.__func__
+
+    def keeping_every_pair(cls, index, delta):
+        return dataclasses.replace(at(cls, index, delta), filtering=False)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sae_simscale, "_SEGMENT_ENTRIES", segment)
+        patch.setattr(sae_simscale, "_CHUNK_POSTINGS", chunk)
+        dropped = simscale_pass(index, delta, budget, block=block)
+        patch.setattr(sae_simscale._Bounds, "at", classmethod(keeping_every_pair))
+        kept = simscale_pass(index, delta, budget, block=block)
+    assert dropped.positions.tolist() == kept.positions.tolist()
+    assert np.array_equal(dropped.max_similarity, kept.max_similarity)
+    assert (dropped.candidate_pairs, dropped.verified_pairs) == (kept.candidate_pairs, kept.verified_pairs)
+
+
+def test_one_pass_sparse_product_equals_scipy():
+    import scipy.sparse
+
+    rng = np.random.default_rng(0)
+    buffers = sae_simscale._ProductBuffers()
+    shapes = [(40, 300, 60, 0.05), (3, 300, 5, 0.01), (25, 50, 70, 0.3), (0, 10, 4, 0.5), (6, 10, 0, 0.5)]
+    for rows, inner, columns, density in shapes * 2:  # the second round reuses grown buffers
+        left = scipy.sparse.random_array(
+            (rows, inner), density=density, rng=rng, format="csr", dtype=np.float32
+        )
+        right = scipy.sparse.random_array((inner, columns), density=density, rng=rng, format="csr")
+        left, right = (sae_simscale._csr(m.data, m.indices, m.indptr, m.shape) for m in (left, right))
+        expected = (left @ right).toarray()
+        tight = int((left @ right).nnz)  # the bound may be exact
+        for bound in (tight, rows * columns):
+            product = sae_simscale._sparse_product(left, right, bound, buffers)
+            assert product.dtype == expected.dtype
+            assert np.array_equal(product.toarray(), expected)
+    wide = scipy.sparse.csr_array(np.eye(3, dtype=np.float32))
+    wide.indices, wide.indptr = wide.indices.astype(np.int64), wide.indptr.astype(np.int64)
+    assert np.array_equal(sae_simscale._sparse_product(wide, wide, 9, buffers).toarray(), np.eye(3))
+    left = sae_simscale._csr(
+        np.ones(4, dtype=np.float32), np.array([0, 2, 1, 2]), np.array([0, 2, 4]), (2, 3)
+    )
+    right = sae_simscale._csr(
+        np.full(3, 2, dtype=np.float32), np.array([1, 0, 1]), np.array([0, 1, 2, 3]), (3, 2)
+    )
+    with pytest.MonkeyPatch.context() as patch:  # scipy without the private kernel: its public product
+        patch.setattr(scipy.sparse, "_sparsetools", None)
+        product = sae_simscale._sparse_product(left, right, 4, buffers)
+    assert np.array_equal(product.toarray(), [[0, 4], [2, 2]])
 
 
 def test_balanced_parts_cover_the_block_in_order():

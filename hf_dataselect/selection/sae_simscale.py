@@ -50,7 +50,11 @@ rows and a pass costs about ``rows walked × rows accepted × P(two rows share a
 candidate pairs (a rejected row stops at the first index segment that holds a conflict, a constant factor),
 which no prefix, size or positional filter removes (nor MinHash-LSH: at such δ its candidates are most pairs
 too). The δ that bisection finds for a budget of 10 % of a pool is low, so that regime is the common one;
-stop latents shrink ``P`` (benchmarks/results/sae_selectors.md).
+stop latents shrink ``P`` (benchmarks/results/sae_selectors.md). What keeps that affordable: the product
+runs in one pass of scipy's kernel into reused buffers (no symbolic sizing pass), and the pairs whose upper
+bound is already below δ (~99 % at such δ) are dropped straight from the product's arrays, with only the
+per-row largest lower bound kept for ``max_similarity``, so only ~1 % of the pairs reach the bounds and
+suffix lookups.
 
 Threads: a block's rows are scored against the earlier picks independently of each other, so that phase is
 split into contiguous parts of about equal work, one per thread (scipy's sparse product and numpy's kernels
@@ -81,6 +85,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -167,8 +172,9 @@ class SimScaleIndex:
     def n(self) -> int:
         return len(self.order)
 
-    @property
+    @functools.cached_property
     def sizes(self) -> np.ndarray:
+        """Informative latents per walk row (cached: the probe reads it for every chunk of pairs)."""
         return np.diff(self.indptr)
 
     @classmethod
@@ -378,7 +384,7 @@ def _walk(
         return _nonpositive_delta_pass(index, delta, budget)
     block = block or _block_size(index)
     bounds = _Bounds.at(index, delta)
-    accepted = _AcceptedPrefixes(index, bounds.prefix)
+    accepted = _AcceptedPrefixes(index, bounds)
     table = _BlockTable(index, block)
     picks: list[np.ndarray] = []
     pick_sims: list[np.ndarray] = []
@@ -449,6 +455,8 @@ def _probe_earlier(
     for pairs in accepted.probe(start, stop, earlier, part):
         scored = _similarities(accepted.index, table, bounds, delta, pairs, settle=True)
         earlier.update(scored, start, delta)
+        if pairs.floor is not None:
+            earlier.raise_best(pairs.rows - start, pairs.floor)
         candidates, verified = candidates + scored.candidates, verified + scored.verified
     return candidates, verified
 
@@ -528,6 +536,49 @@ def _csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple
     )
 
 
+class _ProductBuffers(threading.local):
+    """Per thread, output buffers of :func:`_sparse_product`, grown as needed and reused: freshly allocated
+    buffers of this size cost a page fault per 4 KiB written, which made the one-pass product no faster."""
+
+    def __init__(self) -> None:
+        self.indices = np.empty(0, dtype=np.int32)
+        self.data: dict[np.dtype, np.ndarray] = {}
+
+    def get(self, size: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.indices) < size:
+            self.indices = np.empty(size, dtype=np.int32)
+        if dtype not in self.data or len(self.data[dtype]) < size:
+            self.data[dtype] = np.empty(size, dtype=dtype)
+        return self.indices[:size], self.data[dtype][:size]
+
+
+def _sparse_product(left, right, max_nonzeros: int, buffers: _ProductBuffers):
+    """``left @ right`` (CSR, 32-bit indices) given a bound on its non-zeros, in one pass of scipy's kernel.
+
+    scipy's ``@`` first runs a symbolic pass (``csr_matmat_maxnnz``) over the same entries only to size the
+    output, about 45 % of the product's time here. The probe knows a bound (rows × columns, or the postings it
+    touches), so the product is written straight into reused buffers of that size. The result is a view of
+    them: valid until the next product of the same thread. Falls back to ``@`` when the kernel is not
+    available or the indices are 64-bit."""
+    import scipy.sparse
+
+    matmat = getattr(getattr(scipy.sparse, "_sparsetools", None), "csr_matmat", None)
+    index_arrays = (left.indptr, left.indices, right.indptr, right.indices)
+    if matmat is None or max_nonzeros >= 2**31 - 1 or any(a.dtype != np.int32 for a in index_arrays):
+        return (left @ right).tocsr()
+    rows, columns = left.shape[0], right.shape[1]
+    indptr = np.empty(rows + 1, dtype=np.int32)
+    indices, data = buffers.get(max_nonzeros, np.result_type(left.data, right.data))
+    try:
+        matmat(
+            rows, columns, *index_arrays[:2], left.data, *index_arrays[2:], right.data, indptr, indices, data
+        )
+    except TypeError:  # a private kernel whose signature changed: scipy checks arguments before writing
+        return (left @ right).tocsr()
+    nonzeros = int(indptr[-1])
+    return scipy.sparse.csr_array((data[:nonzeros], indices[:nonzeros], indptr), shape=(rows, columns))
+
+
 @dataclass
 class _Candidates:
     """Pairs (new row ``x``, earlier row ``y``; walk rows) with ``shared`` = mass of ``x`` on ``prefix(y)``."""
@@ -535,12 +586,60 @@ class _Candidates:
     x: np.ndarray
     y: np.ndarray
     shared: np.ndarray
+    found: int = -1
+    """Pairs the product yielded: ``len(x)``, unless the pairs that cannot reach δ were dropped."""
+    rows: np.ndarray | None = None
+    floor: np.ndarray | None = None
+    """With dropped pairs: per query row ``rows[i]``, the largest lower bound of its similarity over all the
+    pairs the product yielded for it (so ``max_similarity`` does not depend on the drop)."""
+
+    def __post_init__(self) -> None:
+        if self.found < 0:
+            self.found = len(self.x)
 
     @classmethod
     def from_product(cls, product, x_rows: np.ndarray, y_rows: np.ndarray) -> _Candidates:
         """From ``product[i, j]`` = shared mass of query row ``x_rows[i]`` on the prefix of ``y_rows[j]``."""
         x = np.repeat(x_rows, np.diff(product.indptr))
         return cls(x, y_rows[product.indices], product.data.astype(np.float64))
+
+    @classmethod
+    def reachable(
+        cls, product, x_rows: np.ndarray, y_rows: np.ndarray, bounds: _Bounds, columns: _SegmentBounds
+    ) -> _Candidates:
+        """:meth:`from_product` without the pairs whose upper bound is below δ (``bounds.reach``): at low δ
+        they are ~99 % of the product, and every later step would touch them only to discard them."""
+        counts = np.diff(product.indptr)
+        shared = product.data
+        kept = np.flatnonzero(
+            shared + columns.reach[product.indices] >= np.repeat(bounds.need[x_rows], counts)
+        )
+        x = x_rows[np.searchsorted(product.indptr, kept, side="right") - 1]
+        if bounds.jaccard:  # the same float64 arithmetic as the lower bound in _similarities
+            lower = shared / (
+                np.repeat(bounds.sizes[x_rows], counts) + columns.sizes[product.indices] - shared
+            )
+        else:
+            lower = shared.astype(np.float64)
+        floor = np.zeros(len(x_rows), dtype=np.float64)
+        starts = product.indptr[:-1][counts > 0]
+        if len(starts):
+            floor[counts > 0] = np.maximum.reduceat(lower, starts)
+        return cls(
+            x,
+            y_rows[product.indices[kept]],
+            shared[kept].astype(np.float64),
+            found=len(shared),
+            rows=x_rows,
+            floor=floor,
+        )
+
+
+class _SegmentBounds(NamedTuple):
+    """Per column of an index segment (an accepted row): its ``_Bounds.reach`` and its size."""
+
+    reach: np.ndarray
+    sizes: np.ndarray
 
 
 class _Segment(NamedTuple):
@@ -566,11 +665,14 @@ class _AcceptedPrefixes:
     latents, columns = the segment's accepted rows) of at most ``_SEGMENT_ENTRIES`` entries, merged like a
     log-structured merge tree."""
 
-    def __init__(self, index: SimScaleIndex, prefix: np.ndarray) -> None:
+    def __init__(self, index: SimScaleIndex, bounds: _Bounds) -> None:
         self.index = index
-        self.prefix = prefix
+        self.bounds = bounds
+        self.prefix = bounds.prefix
         self.segments: list[_Segment] = []
         self.matrices: list[Any] = []
+        self.columns: list[_SegmentBounds] = []
+        self.buffers = _ProductBuffers()
 
     def add(self, rows: np.ndarray) -> None:
         """Index the prefixes of newly accepted walk rows."""
@@ -587,6 +689,7 @@ class _AcceptedPrefixes:
             and len(segment.ranks) + len(self.segments[-1].ranks) <= _SEGMENT_ENTRIES
         ):
             self.matrices.pop()
+            self.columns.pop()
             segment = self.segments.pop().merge(segment)
         postings = np.bincount(segment.ranks, minlength=self.index.num_latents)
         segment = segment._replace(postings=postings)
@@ -594,6 +697,7 @@ class _AcceptedPrefixes:
         indptr = np.zeros(self.index.num_latents + 1, dtype=np.int64)
         np.cumsum(postings, out=indptr[1:])
         self.matrices.append(_csr(segment.data, segment.cols, indptr, (len(indptr) - 1, len(segment.rows))))
+        self.columns.append(_SegmentBounds(self.bounds.reach[segment.rows], self.bounds.sizes[segment.rows]))
 
     def probe(
         self, start: int, stop: int, earlier: _Verdicts, part: tuple[int, int] | None = None
@@ -608,14 +712,15 @@ class _AcceptedPrefixes:
         first_row, end_row = part or (0, stop - start)
         query_rows: np.ndarray | None = None
         query = None
-        for matrix, segment in zip(self.matrices, self.segments, strict=True):
+        for matrix, segment, columns in zip(self.matrices, self.segments, self.columns, strict=True):
             rows = start + first_row + np.flatnonzero(~earlier.conflict[first_row:end_row])
             if not len(rows):
                 return
             if len(rows) * len(segment.rows) <= _CHUNK_POSTINGS:
                 if query_rows is None or not np.array_equal(rows, query_rows):  # rebuilt only when rows died
                     query_rows, query = rows, index.leading_matrix(rows, index.sizes[rows])
-                yield _Candidates.from_product((query @ matrix).tocsr(), rows, segment.rows)
+                product = _sparse_product(query, matrix, len(rows) * len(segment.rows), self.buffers)
+                yield self._candidates(product, rows, segment.rows, columns)
                 continue
             sizes = index.sizes[rows]
             positions, _ = _ranges(index.indptr[rows], sizes)
@@ -626,9 +731,18 @@ class _AcceptedPrefixes:
             while first < len(rows):
                 last = int(np.searchsorted(work, work[first] + _CHUNK_POSTINGS, side="right")) - 1
                 last = min(max(last, first + 1), len(rows))
-                product = (index.leading_matrix(rows[first:last], sizes[first:last]) @ matrix).tocsr()
-                yield _Candidates.from_product(product, rows[first:last], segment.rows)
+                chunk = index.leading_matrix(rows[first:last], sizes[first:last])
+                pairs = min(int(work[last] - work[first]), (last - first) * len(segment.rows))
+                product = _sparse_product(chunk, matrix, pairs, self.buffers)
+                yield self._candidates(product, rows[first:last], segment.rows, columns)
                 first = last
+
+    def _candidates(
+        self, product, x_rows: np.ndarray, y_rows: np.ndarray, columns: _SegmentBounds
+    ) -> _Candidates:
+        if self.bounds.filtering:
+            return _Candidates.reachable(product, x_rows, y_rows, self.bounds, columns)
+        return _Candidates.from_product(product, x_rows, y_rows)
 
 
 def _block_pairs(index: SimScaleIndex, rows: np.ndarray, prefix: np.ndarray) -> _Candidates:
@@ -698,16 +812,40 @@ class _Bounds:
     sizes: np.ndarray
     suffix: np.ndarray
     """Jaccard: suffix length; cosine: suffix norm."""
+    reach: np.ndarray
+    need: np.ndarray
+    """``float32`` pair filter: a pair ``(x, y)`` with shared prefix mass ``s`` can reach δ only if
+    ``s + reach[y] >= need[x]``. Jaccard: the upper bound of :func:`_similarities` is at least δ only if
+    ``s + |suffix(y)| >= δ/(1+δ) (|x| + |y|)``; cosine on non-negative values: only if ``s + ‖suffix(y)‖ >= δ``.
+    ``reach`` includes a margin far above float32 rounding, so the filter can only keep extra pairs."""
+    jaccard: bool
+    filtering: bool
+    """Whether the filter applies (not for cosine with negative values: there every candidate is exact)."""
 
     @classmethod
     def at(cls, index: SimScaleIndex, delta: float) -> _Bounds:
         prefix = index.prefix_lengths(delta)
-        sizes = index.sizes
-        if index.tail_norms is None:
-            return cls(prefix, sizes.astype(np.float64), (sizes - prefix).astype(np.float64))
-        boundary = np.minimum(index.indptr[:-1] + prefix, max(len(index.ranks) - 1, 0))
-        tail = np.where(prefix < sizes, index.tail_norms[boundary] if len(index.ranks) else 0.0, 0.0)
-        return cls(prefix, sizes.astype(np.float64), np.sqrt(np.maximum(tail, 0.0)))
+        sizes = index.sizes.astype(np.float64)
+        jaccard = index.tail_norms is None
+        if jaccard:
+            suffix = sizes - prefix
+            share = delta / (1 + delta)
+            reach, need = suffix - share * sizes, share * sizes
+        else:
+            boundary = np.minimum(index.indptr[:-1] + prefix, max(len(index.ranks) - 1, 0))
+            tail = np.where(prefix < sizes, index.tail_norms[boundary] if len(index.ranks) else 0.0, 0.0)
+            suffix = np.sqrt(np.maximum(tail, 0.0))
+            reach, need = suffix, np.full(len(sizes), delta)
+        margin = 1e-3 * (1.0 + (float(sizes.max()) if len(sizes) else 0.0) * 1e-3)
+        return cls(
+            prefix,
+            sizes,
+            suffix,
+            (reach + margin).astype(np.float32),
+            need.astype(np.float32),
+            jaccard,
+            jaccard or index.nonnegative,
+        )
 
 
 def _similarities(
@@ -726,7 +864,7 @@ def _similarities(
     """
     x, y, shared = pairs.x, pairs.y, pairs.shared
     if not len(x):
-        return _Pairs(x, y, shared)
+        return _Pairs(x, y, shared, candidates=pairs.found)
     if index.values is None:  # candidates share a latent, so every union below is at least 1
         size_x = bounds.sizes[x]
         total = size_x + bounds.sizes[y]
@@ -740,15 +878,16 @@ def _similarities(
     certain = lower >= delta
     todo = ~certain & (upper >= delta)
     if settle and certain.any():
-        settled = np.zeros(int(x.max()) + 1, dtype=bool)
-        settled[x[certain]] = True
-        todo &= ~settled[x]
+        first = int(x.min())
+        settled = np.zeros(int(x.max()) - first + 1, dtype=bool)
+        settled[x[certain] - first] = True
+        todo &= ~settled[x - first]
     sim = np.where(np.isfinite(lower), lower, 0.0)
     picks = np.flatnonzero(todo)
     sim[picks] = index.similarity_of(
         x[picks], y[picks], shared[picks] + table.suffix_mass(x[picks], y[picks], bounds.prefix)
     )
-    return _Pairs(x, y, sim, candidates=len(x), verified=len(picks))
+    return _Pairs(x, y, sim, candidates=pairs.found, verified=len(picks))
 
 
 class _Verdicts:
@@ -768,6 +907,9 @@ class _Verdicts:
         heads = np.flatnonzero(np.r_[True, local[1:] != local[:-1]])
         rows = local[heads]
         self.best[rows] = np.maximum(self.best[rows], np.maximum.reduceat(scored.sim, heads))
+
+    def raise_best(self, rows: np.ndarray, floor: np.ndarray) -> None:
+        self.best[rows] = np.maximum(self.best[rows], floor)
 
 
 def _decide_block(
