@@ -2,11 +2,14 @@
 
 ``lr``: learning rate × batch size on an existing activation cache (the one bench_sae_training.py wrote), the
 training FVU at the end of a fixed token budget. ``layers``: the same SAE recipe on several MiniLM blocks, one
-seeded set of texts (200 LIMA + 3,000 T0 rows), activations held in memory.
+seeded set of texts (200 LIMA + 3,000 T0 rows), activations held in memory. ``schedule``: peak learning
+rate, batch size and the length of the final linear decay on one block, the same texts.
 
     python benchmarks/bench_sae_recipe.py lr --cache /tmp/hf_dataselect_bench_sae/checkpoint/activations \\
         --configs 3.27e-4:4096 1.3e-3:4096 4e-3:4096 1.3e-3:1024
     python benchmarks/bench_sae_recipe.py layers --layers 1 3 5
+    python benchmarks/bench_sae_recipe.py schedule --layer 5 --tokens 2000000 \\
+        --configs 1.3e-3:1024:0.2 1.3e-3:1024:0.5 2.6e-3:1024:0.9
 
 Every run: width 6144 (16 × 384), k = 32, AuxK 1/32, warm-up over the first tenth, one torch thread.
 """
@@ -27,13 +30,18 @@ sys.path.insert(0, str(HERE))
 from bench_sae_common import LIMA, T0_DIR, lima_rows, t0_rows, texts_of  # noqa: E402
 
 
-def train_fvu(batches, lr: float, batch_tokens: int, tokens: int) -> list[float]:
+def train_fvu(batches, lr: float, batch_tokens: int, tokens: int, decay_fraction: float = 0.2) -> list[float]:
     """Train a fresh SAE on ``batches(step)`` for ``tokens`` tokens; FVU of every step."""
     from hf_dataselect.sae.model import TopKSAE
     from hf_dataselect.sae.train import SAETrainer, SAETrainingConfig
 
     steps = tokens // batch_tokens
-    config = SAETrainingConfig(batch_tokens=batch_tokens, lr=lr, lr_warmup_steps=max(1, steps // 10))
+    config = SAETrainingConfig(
+        batch_tokens=batch_tokens,
+        lr=lr,
+        lr_warmup_steps=max(1, steps // 10),
+        lr_decay_fraction=decay_fraction,
+    )
     trainer = SAETrainer(TopKSAE(384, 6144, 32, seed=0), config, total_steps=steps)
     return [trainer.step(batches(step))["fvu"] for step in range(steps)]
 
@@ -103,8 +111,27 @@ class ShuffledBatches:
         return self.rows[chosen]
 
 
+def recipe_texts() -> list[str]:
+    return texts_of(lima_rows(LIMA)[:200]) + texts_of(t0_rows(T0_DIR, 3000, 7))
+
+
+def schedules(args: argparse.Namespace) -> dict:
+    """Peak learning rate, batch size and length of the final linear decay, on one block's activations."""
+    activations = layer_activations([args.layer], recipe_texts())[args.layer]
+    results = {}
+    for spec in args.configs:
+        lr, batch_tokens, decay = spec.split(":")
+        batch = ShuffledBatches(activations, int(batch_tokens), seed=0)
+        fvu = train_fvu(batch, float(lr), int(batch_tokens), args.tokens, float(decay))
+        results[spec] = float(np.mean(fvu[-max(1, len(fvu) // 20) :]))
+        print(
+            f"lr {lr}, batch {batch_tokens}, decay over the last {decay}: FVU {results[spec]:.4f}", flush=True
+        )
+    return results
+
+
 def layers(args: argparse.Namespace) -> dict:
-    texts = texts_of(lima_rows(LIMA)[:200]) + texts_of(t0_rows(T0_DIR, 3000, 7))
+    texts = recipe_texts()
     results = {}
     for layer, activations in layer_activations(args.layers, texts).items():
         batch = ShuffledBatches(activations, args.batch_tokens, seed=0)
@@ -134,9 +161,16 @@ def main() -> None:
     per_layer.add_argument("--lr", type=float, default=1.3e-3)
     per_layer.add_argument("--batch-tokens", type=int, default=1024)
     per_layer.add_argument("--tokens", type=int, default=1_000_000)
+    schedule = sub.add_parser("schedule", help="lr, batch and decay length on one block's activations")
+    schedule.add_argument("--layer", type=int, default=5)
+    schedule.add_argument(
+        "--configs", nargs="+", default=["1.3e-3:1024:0.2", "1.3e-3:1024:0.5", "2.6e-3:1024:0.9"]
+    )
+    schedule.add_argument("--tokens", type=int, default=2_000_000)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(json.dumps(learning_rates(args) if args.what == "lr" else layers(args), indent=1))
+    run = {"lr": learning_rates, "layers": layers, "schedule": schedules}[args.what]
+    print(json.dumps(run(args), indent=1))
 
 
 if __name__ == "__main__":

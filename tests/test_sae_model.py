@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hf_dataselect.errors import InputError
 from hf_dataselect.sae import kernels
@@ -162,6 +164,48 @@ def test_bad_shapes_and_options_are_input_errors():
         TopKSAE(16, 8, 2, activation="gated")
 
 
+@pytest.fixture
+def screen_setting(monkeypatch):
+    """Set ``HF_DATASELECT_SAE_SCREEN`` for one test (the availability check is cached per process)."""
+    from hf_dataselect.sae import screening
+
+    def set_to(value: str) -> None:
+        monkeypatch.setenv("HF_DATASELECT_SAE_SCREEN", value)
+        screening.screening_available.cache_clear()
+
+    yield set_to
+    screening.screening_available.cache_clear()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    width_log2=st.integers(4, 10),
+    k=st.integers(1, 24),
+    levels=st.sampled_from([3, 50, 100_000]),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_row_topk_gives_torch_topk_values_ties_included(rows, width_log2, k, levels, seed, dtype):
+    width = 2**width_log2
+    k = min(k, width)
+    generator = torch.Generator().manual_seed(seed)
+    # few distinct levels -> many exact ties, the case where the grouped selection could go wrong
+    scores = torch.randint(0, levels, (rows, width), generator=generator).to(dtype)
+    values, columns = kernels.row_topk(scores, k)
+    reference = scores.topk(k, dim=-1).values
+    assert torch.equal(values.sort(dim=1).values, reference.sort(dim=1).values)
+    assert torch.equal(scores.gather(1, columns), values)
+    assert all(len(set(row.tolist())) == k for row in columns)  # distinct columns
+
+
+def test_row_topk_uses_groups_only_where_they_pay():
+    assert kernels._group_count(6144, 32) == 16
+    assert kernels._group_count(131072, 128) == 32
+    assert kernels._group_count(100, 8) == 0  # not divisible into enough groups: plain torch.topk
+    assert kernels._group_count(64, 32) == 0
+
+
 def test_bfloat16_screen_returns_the_float32_topk_and_proves_it_or_recomputes():
     from hf_dataselect.sae import screening
 
@@ -179,14 +223,61 @@ def test_bfloat16_screen_returns_the_float32_topk_and_proves_it_or_recomputes():
     reference = pre.topk(8, dim=-1)
     assert torch.equal(indices.sort(1).values, reference.indices.sort(1).values)
     assert torch.allclose(values.sort(1).values, reference.values.clamp_min(0).sort(1).values, atol=1e-5)
-    assert (
-        40 <= recomputed <= 60
-    )  # the near-tied tokens could not be proven and were recomputed, the rest were
-    # the bound really bounds the bfloat16 error
-    approx = (torch.cat([x, torch.ones(300, 1)], 1).bfloat16() @ screened.augmented.t()).float()
+    # the near-tied tokens could not be proven and were recomputed; the others were proven
+    assert 40 <= recomputed <= 60
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_bfloat16_screen_error_bound_holds_for_every_entry(input_dtype):
+    from hf_dataselect.sae import screening
+
+    generator = torch.Generator().manual_seed(21)
+    weight = torch.randn(2048, 96, generator=generator) * 0.07
+    bias = torch.randn(2048, generator=generator) * 0.05
+    # float32 inputs are rounded by the screen; inputs that are already bfloat16 values (a bf16 model's hidden
+    # states) are not, and their bound is smaller
+    x = (torch.randn(400, 96, generator=generator) * 3).to(input_dtype).float()
+    screened = screening.ScreenedWeights(weight, bias)
+    approx = screened.scores(x).double()
+    exact = torch.addmm(bias.double(), x.double(), weight.double().t())
     u = screening.UNIT_ROUNDOFF
-    bound = (
-        screened.constant * (x.norm(dim=1, keepdim=True) * weight.norm(dim=1) + bias.abs())
-        + u / (1 - u) * approx.abs()
+    bounds = screened.token_bounds(x)
+    assert bool(((approx - exact).abs() <= u / (1 - u) * approx.abs() + bounds[:, None]).all())
+    if input_dtype == torch.bfloat16:
+        assert bool((bounds < screening.ScreenedWeights(weight, bias).token_bounds(x + 1e-4)).all())
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_screened_encoding_equals_the_plain_float32_encoding(screen_setting, grad):
+    sae = _random_sae(d_in=48, num_latents=2048, k=16)
+    # hidden states of a bfloat16 model: exact in bfloat16 (b_dec is folded into the screen's bias without grad)
+    x = torch.randn(700, 48, generator=torch.Generator().manual_seed(8)).bfloat16().float()
+    with torch.set_grad_enabled(grad):
+        screen_setting("off")
+        plain = sae.encode(x)
+        screen_setting("on")
+        kernels.SCREEN_STATS.update(rows=0, recomputed=0)
+        screened = sae.encode(x)
+    assert kernels.SCREEN_STATS["rows"] == 700
+    assert torch.equal(screened.top_indices.sort(1).values, plain.top_indices.sort(1).values)
+    assert torch.allclose(screened.top_values.sort(1).values, plain.top_values.sort(1).values, atol=1e-5)
+    dense = _dense_code(sae, x)
+    assert torch.allclose(
+        torch.zeros_like(dense).scatter(-1, screened.top_indices, screened.top_values), dense, atol=1e-5
     )
-    assert bool(((approx - pre).abs() <= bound).all())
+
+
+def test_screen_setting_and_cpu_decide_where_it_runs(screen_setting, monkeypatch):
+    from hf_dataselect.sae import screening
+
+    x, weight = torch.zeros(4, 8), torch.zeros(2048, 8)
+    screen_setting("off")
+    assert not screening.use_screening(x, weight, 32)
+    screen_setting("on")
+    assert screening.use_screening(x, weight, 32)
+    assert not screening.use_screening(x.double(), weight, 32)  # float32 inputs only
+    assert not screening.use_screening(x, torch.zeros(512, 8), 32)  # too narrow to pay
+    for has_amx in (False, True):
+        monkeypatch.setattr(screening, "_cpu_has_amx", lambda has_amx=has_amx: has_amx)
+        screen_setting("auto")
+        assert screening.use_screening(x, weight, 32) is has_amx

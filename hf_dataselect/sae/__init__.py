@@ -3,7 +3,7 @@
 ==================  ==========================================================================================
 ``model``           :class:`~hf_dataselect.sae.model.TopKSAE` (encode / decode / forward with FVU and AuxK)
 ``kernels``         sparse encoder and decoder autograd functions (no dense ``[tokens, latents]`` gradients)
-``screening``       optional exact TopK through a verified bfloat16 screen (CPU, ``HF_DATASELECT_SAE_SCREEN=1``)
+``screening``       exact TopK through a verified bfloat16 screen (CPUs with AMX; ``HF_DATASELECT_SAE_SCREEN``)
 ``activations``     hookpoint resolution and hidden states at a hookpoint, special tokens dropped
 ``store``           training batches of activations: a disk cache (several epochs) or a shuffle buffer stream
 ``train``           :func:`~hf_dataselect.sae.train.train_sae` and the trainer (Gao et al. 2024 recipe)

@@ -250,7 +250,18 @@ class TopKSAE(nn.Module):
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_in).to(self.dtype)
         normalized, _ = self._normalize_input(flat)
-        code = self._encode_prepared(self._encoder_input(normalized), chunk_tokens)
+        parameters = (self.W_enc, self.b_enc, self.b_dec)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (normalized, *parameters))
+        if self.cfg.activation == "topk" and not needs_grad:
+            # inference: b_dec goes to the kernel unsubtracted, so a bfloat16 screen sees exact inputs
+            shift = self.b_dec if self.cfg.apply_b_dec_to_input else None
+            assert self.cfg.k is not None
+            values, indices = kernels.topk_select(
+                normalized, self.W_enc, self.b_enc, self.cfg.k, chunk_tokens, shift=shift
+            )
+            code = SparseCode(values, indices)
+        else:
+            code = self._encode_prepared(self._encoder_input(normalized), chunk_tokens)
         return SparseCode(code.top_values.reshape(*lead, -1), code.top_indices.reshape(*lead, -1))
 
     def decode(self, top_values: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
