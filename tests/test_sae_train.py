@@ -3,6 +3,7 @@ checkpoints that resume exactly, and input errors before any work."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -198,6 +199,11 @@ def test_interrupted_training_resumes_exactly(
     monkeypatch.setattr(SAETrainer, "step", original_step)
     with pytest.raises(InputError, match="already holds a checkpoint"):
         train_sae(str(tiny_llama_path), texts, 1, checkpoint_dir=tmp_path, **options)
+    # a checkpoint written before an option existed (here lr_scale) resumes as if it had the option's default
+    state_file = next(tmp_path.rglob("state.json"))
+    state = json.loads(state_file.read_text())
+    del state["config"]["lr_scale"]
+    state_file.write_text(json.dumps(state))
     resumed = train_sae(str(tiny_llama_path), texts, 1, checkpoint_dir=tmp_path, resume=True, **options)
     assert resumed.metadata["training_steps"] == 12
     for name, tensor in reference.state_dict().items():
@@ -222,6 +228,8 @@ def test_bad_options_fail_before_any_work(tiny_llama_path, texts, monkeypatch):
     monkeypatch.setattr(train_module, "split_texts", no_model)
     with pytest.raises(InputError, match="k must be ≥ 1"):
         train_sae(str(tiny_llama_path), texts, 1, k=0)
+    with pytest.raises(InputError, match="lr_scale must be positive"):
+        train_sae(str(tiny_llama_path), texts, 1, lr_scale=0)
     with pytest.raises(InputError, match="Unknown SAE training option"):
         train_sae(str(tiny_llama_path), texts, 1, topk=3)
     with pytest.raises(InputError, match="resume=True needs checkpoint_dir"):
@@ -233,3 +241,10 @@ def test_bad_options_fail_before_any_work(tiny_llama_path, texts, monkeypatch):
 def test_too_few_tokens_for_a_batch_is_an_input_error(tiny_llama_path):
     with pytest.raises(InputError, match="fewer than one batch"):
         train_sae(str(tiny_llama_path), ["a short text"], 1, batch_tokens=4096, progress=False)
+
+
+def test_learning_rate_rule_and_its_scale():
+    rule = 2e-4 / (6144 / 2**14) ** 0.5
+    assert SAETrainingConfig().learning_rate(6144) == pytest.approx(rule)
+    assert SAETrainingConfig(lr_scale=4.0).learning_rate(6144) == pytest.approx(4 * rule)
+    assert SAETrainingConfig(lr=1e-3, lr_scale=4.0).learning_rate(6144) == 1e-3  # a given lr wins

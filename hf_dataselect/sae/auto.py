@@ -50,7 +50,12 @@ class AutoSAEConfig:
     """Training tokens in all (epochs over the cached activations of the sampled rows)."""
     max_epochs: float = 20.0
     """Upper bound on passes over the sampled rows, for small pools."""
-    batch_tokens: int = 4096
+    batch_tokens: int = 1024
+    lr_scale: float = 4.0
+    """Multiplies the trainer's 1/sqrt(width) learning-rate rule: 2M tokens is a short run, and with batches of
+    1,024 tokens and 4x the rule an SAE on MiniLM reaches FVU 0.13 (middle block) / 0.18 (last block) where
+    the trainer's defaults (4,096 tokens, 1x, decay over the last 20 %) reach 0.22 / 0.28."""
+    lr_decay_fraction: float = 0.5
     dead_tokens_threshold: int | None = None
     """Tokens without firing after which a latent is dead; default ``train_tokens // 20``."""
     lm_batch_size: int = 32
@@ -59,8 +64,12 @@ class AutoSAEConfig:
     def validate(self) -> None:
         if self.expansion_factor < 1 or self.k < 1 or self.max_rows < 1 or self.train_tokens < 1:
             raise InputError("auto SAE options expansion_factor, k, max_rows and train_tokens must be ≥ 1.")
-        if self.max_epochs <= 0 or self.batch_tokens < 1 or self.lm_batch_size < 1:
-            raise InputError("auto SAE options max_epochs, batch_tokens and lm_batch_size must be positive.")
+        if self.max_epochs <= 0 or self.batch_tokens < 1 or self.lm_batch_size < 1 or self.lr_scale <= 0:
+            raise InputError(
+                "auto SAE options max_epochs, batch_tokens, lm_batch_size and lr_scale must be positive."
+            )
+        if not 0 <= self.lr_decay_fraction < 1:
+            raise InputError("auto SAE option lr_decay_fraction must be in [0, 1).")
 
     @classmethod
     def coerce(cls, value: AutoSAEConfig | dict[str, Any] | None) -> AutoSAEConfig:
@@ -173,6 +182,8 @@ def pool_sae(
         expansion_factor=config.expansion_factor,
         k=config.k,
         batch_tokens=batch_tokens,
+        lr_scale=config.lr_scale,
+        lr_decay_fraction=config.lr_decay_fraction,
         max_tokens=max_tokens,
         dead_tokens_threshold=config.dead_tokens_threshold or max(batch_tokens, config.train_tokens // 20),
         lm_batch_size=config.lm_batch_size,
