@@ -4,18 +4,24 @@ The encoder's ``[tokens, latents]`` pre-activation matmul dominates SAE encoding
 (Intel Sapphire Rapids and later) oneDNN runs it about 7x faster in bfloat16 than in float32, but bfloat16
 values could pick different latents. So bfloat16 only *screens*:
 
-1. ``a = bf16(x') @ bf16(W')`` with ``x' = [x, 1]`` and ``W' = [W | b]`` (float32 accumulation, bfloat16
-   output; ``b`` with ``b_dec`` folded in, see :class:`ScreenedWeights`), and the top ``k + margin`` candidates of every token (:func:`kernels.row_topk`);
-2. the candidates' pre-activations are recomputed in float32 and the top ``k`` of them kept;
-3. a rounding-error bound proves, per token, that no other latent can beat the k-th kept value. For every
-   latent ``l``, ``|p_l - a_l| <= u/(1-u) |a_l| + E`` with ``u = 2^-8`` (bfloat16 unit roundoff) and
+1. bfloat16 scores ``c = bf16(x⁺) @ bf16(W⁺)ᵀ`` (float32 accumulation, bfloat16 output) that are *upper bounds*
+   of the exact pre-activations ``p``, up to the output's rounding: ``p_l <= c_l + u/(1-u) |c_l|`` with
+   ``u = 2^-8`` (bfloat16 unit roundoff). ``x⁺ = [x, 1, ‖bf16(x')‖, ‖x' - bf16(x')‖]`` and
+   ``W⁺_l = [W_l, b_l, α_l, β_l]``, where ``x' = [x, 1]`` and ``b`` has ``b_dec`` folded in (see
+   :class:`ScreenedWeights`). The last two columns add, to every score, the rounding error of that latent
+   and token (Cauchy-Schwarz on the two rounding errors, whose norms are measured, not bounded):
 
-       E = max_l ‖W'_l - bf16(W'_l)‖ ‖bf16(x')‖ + max_l ‖W'_l‖ ‖x' - bf16(x')‖ + γ max_l ‖bf16(W'_l)‖ ‖bf16(x')‖
+       |p_l - bf16(x')·bf16(W'_l)| <= α_l ‖bf16(x')‖ + β_l ‖x' - bf16(x')‖
+       α_l = ‖W'_l - bf16(W'_l)‖ + γ ‖bf16(W'_l)‖,   β_l = ‖W'_l‖
 
-   (Cauchy-Schwarz on the two rounding errors, whose norms are measured, not bounded; ``γ = (d+1) 2^-24`` for
-   the float32 sums; products of two bfloat16 numbers are exact in float32). Every non-candidate has
-   ``a <= r``, the smallest candidate score, hence ``p <= r + u/(1-u) |r| + E``; when that is not below the
-   k-th kept value (a near-tie across the margin) the token is recomputed entirely in float32.
+   (``γ = (d+3) 2^-24`` for the float32 sums; products of two bfloat16 numbers are exact in float32; the four
+   bound factors are inflated by 2^-7 before rounding to bfloat16 so that rounding cannot shrink them). The
+   bound is per latent, so one latent with a large norm or rounding error does not loosen every other one;
+2. the top ``k + margin`` latents of every token by ``c`` (:func:`kernels.row_topk`) are the candidates, their
+   pre-activations are recomputed in float32 and the top ``k`` of them kept;
+3. every other latent has ``c <= r``, the smallest candidate score, hence ``p <= r + u/(1-u) |r|``; when that
+   is below the k-th kept value the token is proven, else (a near-tie across the margin) it is recomputed
+   entirely in float32.
 
 The result is the float32 TopK of every token (values from float32 arithmetic), as without the screen. It is on
 by default where AMX tiles are present (``HF_DATASELECT_SAE_SCREEN=auto``) and off elsewhere: on AVX512-BF16
@@ -52,15 +58,15 @@ def _cpu_has_amx() -> bool:
         return False
 
 
-def sum_roundoff(d_in: int) -> float:
-    """``γ_{d+1}``: relative error bound of a float32 sum of ``d_in + 1`` terms."""
-    n = (d_in + 1) * 2.0**-24
+def sum_roundoff(terms: int) -> float:
+    """``γ_n``: relative error bound of a float32 sum of ``n`` terms."""
+    n = terms * 2.0**-24
     return n / (1 - n)
 
 
 @functools.lru_cache(maxsize=1)
 def screening_available() -> bool:
-    """Whether to screen here: the setting, AMX tiles for ``auto``, and a bfloat16 matmul within the bound."""
+    """Whether to screen here: the setting, AMX tiles for ``auto``, and scores that bound a float64 reference."""
     setting = os.environ.get("HF_DATASELECT_SAE_SCREEN", DEFAULT_SETTING).strip().lower()
     if setting in ("0", "false", "off", "no"):
         return False
@@ -71,13 +77,11 @@ def screening_available() -> bool:
     bias = torch.randn(2048, generator=generator) * 0.01
     x = torch.randn(512, 256, generator=generator)
     try:
-        screened = ScreenedWeights(weight, bias)
-        approx = screened.scores(x).float()
+        scores = ScreenedWeights(weight, bias).scores(x).double()
     except RuntimeError:
         return False
     exact = torch.addmm(bias.double(), x.double(), weight.double().t())
-    bound = UNIT_ROUNDOFF / (1 - UNIT_ROUNDOFF) * approx.abs() + screened.token_bounds(x)[:, None]
-    return bool(((approx.double() - exact).abs() <= bound).all())
+    return bool((exact <= scores + UNIT_ROUNDOFF / (1 - UNIT_ROUNDOFF) * scores.abs()).all())
 
 
 def use_screening(x: torch.Tensor, weight: torch.Tensor, k: int) -> bool:
@@ -91,12 +95,11 @@ def use_screening(x: torch.Tensor, weight: torch.Tensor, k: int) -> bool:
 
 
 class ScreenedWeights:
-    """The encoder in bfloat16 with its bias as an extra column, and the weight terms of the error bound.
+    """The encoder in bfloat16 with its bias and the per-latent bound factors as extra columns.
 
     With ``shift`` (the SAE's ``b_dec``), pre-activations are ``W (x - shift) + b``, screened as
     ``W x + (b - W shift)``: the folded bias is computed in float64, and ``x`` itself is rounded to bfloat16,
-    exactly when it holds the hidden states of a bfloat16 model (half the error bound of rounding
-    ``x - shift``, which measured 7 % of LIMA tokens recomputed against 0.2 % this way).
+    exactly when it holds the hidden states of a bfloat16 model, so that only the weights' rounding counts.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor | None = None) -> None:
@@ -108,16 +111,24 @@ class ScreenedWeights:
             if shift is not None:
                 folded = folded - weight.double() @ shift.double()
             exact = torch.cat([weight.double(), folded[:, None]], dim=1)
-            self.augmented = exact.to(torch.bfloat16)
-            rounded = self.augmented.double()
-            self.max_rounding_norm = float((exact - rounded).norm(dim=1).max())
-            self.max_row_norm = float(exact.norm(dim=1).max())
-            self.max_rounded_norm = float(rounded.norm(dim=1).max())
-        self.gamma = sum_roundoff(weight.shape[1])
+            rounded = exact.to(torch.bfloat16)
+            gamma = sum_roundoff(weight.shape[1] + 3)
+            rounding = (exact - rounded.double()).norm(dim=1) + gamma * rounded.double().norm(dim=1)
+            bound_factors = torch.stack([rounding, exact.norm(dim=1)], dim=1)
+            self.augmented = torch.cat([rounded, _rounded_up(SAFETY * bound_factors)], dim=1)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """``bf16([x, 1]) @ bf16([W | b - W shift])ᵀ``, a bfloat16 ``[n, latents]`` matrix."""
-        return self._augment(x).to(torch.bfloat16) @ self.augmented.t()
+        """The bfloat16 ``[n, latents]`` upper-bound scores ``c`` of the module docstring."""
+        augmented = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+        rounded = augmented.to(torch.bfloat16)
+        norms = torch.stack(
+            [
+                rounded.double().norm(dim=1),
+                (augmented - rounded.float()).double().norm(dim=1),  # the difference is exact in float32
+            ],
+            dim=1,
+        )
+        return torch.cat([rounded, _rounded_up(SAFETY * norms)], dim=1) @ self.augmented.t()
 
     def exact(self, x: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Float32 pre-activations ``W (x - shift) + b`` at ``candidates [n, c]`` (latent ids per row)."""
@@ -129,21 +140,11 @@ class ScreenedWeights:
         rows = x if self.shift is None else x - self.shift
         return kernels.pre_activations(rows, self.weight, self.bias)
 
-    def token_bounds(self, x: torch.Tensor) -> torch.Tensor:
-        """``E`` of the module docstring for every row of ``x`` (float64)."""
-        augmented = self._augment(x)
-        rounded = augmented.to(torch.bfloat16).float()
-        rounded_norm = rounded.double().norm(dim=1)
-        rounding_norm = (augmented - rounded).double().norm(dim=1)  # the difference is exact in float32
-        return SAFETY * (
-            self.max_rounding_norm * rounded_norm
-            + self.max_row_norm * rounding_norm
-            + self.gamma * self.max_rounded_norm * rounded_norm
-        )
 
-    @staticmethod
-    def _augment(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+def _rounded_up(values: torch.Tensor) -> torch.Tensor:
+    """Non-negative ``values`` in bfloat16, never below the originals: inflated by 2^-7 before rounding to
+    nearest, whose relative error is at most 2^-8 (plus 2^-24 when float64 goes through float32)."""
+    return (values * (1 + 2.0**-7)).to(torch.bfloat16)
 
 
 _last_screened: list[tuple[tuple[Any, ...], ScreenedWeights]] = []
@@ -175,7 +176,7 @@ def screened_topk(
     kth = top_exact.min(dim=1).values.double()
     smallest = top_scores.min(dim=1).values.double()
     u = UNIT_ROUNDOFF
-    upper = smallest + u / (1 - u) * smallest.abs() + screened.token_bounds(x)
+    upper = smallest + u / (1 - u) * smallest.abs()
     proven = (upper < kth) | (upper <= 0)
     values = top_exact.clamp_min_(0)
     redo = (~proven).nonzero().squeeze(-1)
