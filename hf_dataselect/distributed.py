@@ -109,6 +109,15 @@ def map_across_processes(
     the full mapped dataset: same rows in the same order as a single-process ``dataset.map`` would give.
     Columns the map removed are removed. Outside a distributed run this is ``dataset.map``.
 
+    Shards start at multiples of ``batch_size`` (:func:`shard_bounds`), so every batch the function sees holds
+    the same rows as in the single-process map. A batched model transform pads and groups the rows of each
+    batch, and in bfloat16 a row's result depends on its batch (kernels are chosen by shape) by up to ~1e-3,
+    enough to change a k-means selection; with the same batches the values are identical, bit for bit, as
+    long as the kernels do not also depend on the thread count. On CPU, oneDNN's bfloat16 kernels for small
+    batches do (``torchrun`` gives each process one thread), so there the results of a single process with
+    more threads agree only to that rounding. ``datasets``' own ``num_proc`` splits rows evenly, not on batch
+    boundaries, so its results also agree only to the rounding.
+
     Every process must call it (it synchronises them). With NCCL, set the CUDA device of each process first
     (``Accelerator``/``PartialState`` do).
     """
@@ -119,12 +128,34 @@ def map_across_processes(
     if world == 1:
         return dataset.map(function, **kwargs)
 
-    shard = dataset.shard(num_shards=world, index=rank, contiguous=True)
+    start, stop = shard_bounds(len(dataset), world, batch_size if batched else 1)[rank]
+    shard = dataset.select(range(start, stop) if stop > start else [])  # datasets refuses range(n, n)
     mapped = shard.map(function, **kwargs)
     added, removed = _changed_columns(shard, mapped)
-    parts = _all_gather_tables(mapped.select_columns(added).with_format(None) if added else None, world)
+    parts, added, removed = _all_gather_shards(mapped, added, removed, world)
     base = dataset.remove_columns(sorted(set(removed) | set(added) & set(dataset.column_names)))
     return _attach_columns(base, parts, dataset, function, kwargs)
+
+
+def shard_bounds(rows: int, world: int, batch_size: int | None) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each rank's contiguous shard, cut between map batches of ``batch_size`` rows.
+
+    The ``ceil(rows / batch_size)`` batches are dealt out as evenly as possible, the first ranks taking one
+    more; ranks beyond the number of batches get empty shards. ``batch_size`` ``None`` or ``<= 0`` (one batch
+    of all rows, as ``datasets`` reads it) cannot be split on a batch boundary: rows are then split evenly.
+    """
+    if batch_size is None or batch_size <= 0:
+        batch_size, batches = 1, rows
+    else:
+        batches = -(-rows // batch_size)
+    per_rank, extra = divmod(batches, world)
+    bounds = []
+    first = 0
+    for rank in range(world):
+        last = first + per_rank + (1 if rank < extra else 0)
+        bounds.append((min(rows, first * batch_size), min(rows, last * batch_size)))
+        first = last
+    return bounds
 
 
 def _changed_columns(shard: Dataset, mapped: Dataset) -> tuple[list[str], list[str]]:
@@ -144,21 +175,34 @@ def _changed_columns(shard: Dataset, mapped: Dataset) -> tuple[list[str], list[s
     return changed, removed
 
 
-def _all_gather_tables(dataset: Dataset | None, world: int) -> list[Any]:
-    """Every rank's ``dataset`` as an Arrow table, in rank order (Arrow IPC bytes through the process group)."""
+def _all_gather_shards(
+    mapped: Dataset, added: list[str], removed: list[str], world: int
+) -> tuple[list[Any], list[str], list[str]]:
+    """``(tables, added, removed)``: the changed columns of every rank's shard as Arrow tables in rank order
+    (Arrow IPC bytes through the process group), and the column changes all ranks agree on.
+
+    A column counts as changed when the map changed it on any rank's rows. A rank past the last batch mapped
+    no rows and cannot tell, so it only follows the others.
+    """
     import pyarrow as pa
     import torch.distributed as dist
 
+    views: list[Any] = [None] * world
+    dist.all_gather_object(views, (len(mapped), added, removed))
+    with_rows = [view for view in views if view[0]] or views
+    changed = {column for _, columns, _ in with_rows for column in columns}
+    added = [column for column in mapped.column_names if column in changed]
+    removed = with_rows[0][2]
     payload = b""
-    if dataset is not None:
-        table = dataset.with_format("arrow")[:]
+    if added and len(mapped):
+        table = mapped.select_columns(added).with_format("arrow")[:]
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
         payload = sink.getvalue().to_pybytes()
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, payload)
-    return [pa.ipc.open_stream(pa.py_buffer(b)).read_all() if b else None for b in gathered]
+    return [pa.ipc.open_stream(pa.py_buffer(b)).read_all() for b in gathered if b], added, removed
 
 
 def _attach_columns(
@@ -171,7 +215,7 @@ def _attach_columns(
     fingerprint = Hasher.hash(
         [original._fingerprint, function, {k: v for k, v in kwargs.items() if k != "desc"}]
     )
-    if parts[0] is None:
+    if not parts:
         result = base.flatten_indices() if base._indices is not None else base
     else:
         columns = Dataset(pa.concat_tables(parts), fingerprint=f"{fingerprint}-columns")
