@@ -231,10 +231,8 @@ def _screen_slack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     """``c + u/(1-u)|c| - p`` for every (token, latent): the screen's upper bound minus the exact value."""
     from hf_dataselect.sae import screening
 
-    scores = screening.ScreenedWeights(weight, bias).scores(x).double()
-    exact = torch.addmm(bias.double(), x.double(), weight.double().t())
-    u = screening.UNIT_ROUNDOFF
-    return scores + u / (1 - u) * scores.abs() - exact
+    scores = screening.ScreenedWeights(weight, bias).scores(x)
+    return screening.upper_bound(scores) - torch.addmm(bias.double(), x.double(), weight.double().t())
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])

@@ -58,6 +58,12 @@ def _cpu_has_amx() -> bool:
         return False
 
 
+def upper_bound(scores: torch.Tensor) -> torch.Tensor:
+    """``c + u/(1-u) |c|`` in float64: what a bfloat16 score ``c`` proves about the exact pre-activation."""
+    scores = scores.double()
+    return scores + UNIT_ROUNDOFF / (1 - UNIT_ROUNDOFF) * scores.abs()
+
+
 def sum_roundoff(terms: int) -> float:
     """``γ_n``: relative error bound of a float32 sum of ``n`` terms."""
     n = terms * 2.0**-24
@@ -77,11 +83,11 @@ def screening_available() -> bool:
     bias = torch.randn(2048, generator=generator) * 0.01
     x = torch.randn(512, 256, generator=generator)
     try:
-        scores = ScreenedWeights(weight, bias).scores(x).double()
+        scores = ScreenedWeights(weight, bias).scores(x)
     except RuntimeError:
         return False
     exact = torch.addmm(bias.double(), x.double(), weight.double().t())
-    return bool((exact <= scores + UNIT_ROUNDOFF / (1 - UNIT_ROUNDOFF) * scores.abs()).all())
+    return bool((exact <= upper_bound(scores)).all())
 
 
 def use_screening(x: torch.Tensor, weight: torch.Tensor, k: int) -> bool:
@@ -174,9 +180,7 @@ def screened_topk(
     top_exact, positions = exact.topk(k, dim=-1, sorted=False)
     indices = candidates.gather(1, positions)
     kth = top_exact.min(dim=1).values.double()
-    smallest = top_scores.min(dim=1).values.double()
-    u = UNIT_ROUNDOFF
-    upper = smallest + u / (1 - u) * smallest.abs()
+    upper = upper_bound(top_scores.min(dim=1).values)
     proven = (upper < kth) | (upper <= 0)
     values = top_exact.clamp_min_(0)
     redo = (~proven).nonzero().squeeze(-1)
