@@ -226,3 +226,10 @@ def test_help_states_each_default_once():
     assert "Encoder (default: the offline MiniLM)." in text
     assert "(default: None)" not in text
     assert "Rows to read. (default: 7)" in text
+
+
+def test_unknown_flag_is_a_usage_error_not_a_traceback(pool_file, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="unrecognized arguments: --input x"):
+        run_cli("select", pool_file, "--output", tmp_path / "out", "--input", "x")
+    assert "usage: " in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()

@@ -31,7 +31,9 @@ class ConfigParser(HfArgumentParser):
             config_path = args[index + 1]
             del args[index : index + 2]
             self.set_defaults_from(load_yaml_mapping(config_path), source=config_path)
-        outputs = self.parse_args_into_dataclasses(args=args)
+        *outputs, unknown = self.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+        if unknown:  # HfArgumentParser raises a bare ValueError here; argparse's own message is the clear one
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
         return tuple(outputs[: len(self.dataclass_types)])  # drop the namespace holding --config
 
     def set_defaults_from(self, values: dict[str, Any], *, source: str) -> None:
