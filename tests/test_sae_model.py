@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -51,9 +54,9 @@ def test_encoding_is_chunked_and_never_builds_more_than_a_chunk(monkeypatch):
     seen_rows: list[int] = []
     original = kernels.pre_activations
 
-    def spy(chunk, weight, bias):
+    def spy(chunk, weight, bias, out=None):
         seen_rows.append(chunk.shape[0])
-        return original(chunk, weight, bias)
+        return original(chunk, weight, bias, out=out)
 
     monkeypatch.setattr(kernels, "pre_activations", spy)
     values, indices = sae.encode(x, chunk_tokens=8)
@@ -192,7 +195,10 @@ def test_row_topk_gives_torch_topk_values_ties_included(rows, width_log2, k, lev
     generator = torch.Generator().manual_seed(seed)
     # few distinct levels -> many exact ties, the case where the grouped selection could go wrong
     scores = torch.randint(0, levels, (rows, width), generator=generator).to(dtype)
-    values, columns = kernels.row_topk(scores, k)
+    with mock.patch.dict(
+        os.environ, {"HF_DATASELECT_NATIVE": "off"}
+    ):  # the PyTorch path (tests/test_sae_native.py)
+        values, columns = kernels.row_topk(scores, k)
     reference = scores.topk(k, dim=-1).values
     assert torch.equal(values.sort(dim=1).values, reference.sort(dim=1).values)
     assert torch.equal(scores.gather(1, columns), values)

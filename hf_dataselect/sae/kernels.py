@@ -21,6 +21,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from hf_dataselect.sae import native
+
 _CHUNK_ELEMENTS = 1 << 24
 """Pre-activation values materialised at once by the encoder (64 MiB in float32)."""
 
@@ -34,9 +36,11 @@ def default_chunk_tokens(num_latents: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, num_latents))
 
 
-def pre_activations(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T + bias`` (``weight`` is ``[latents, d_in]``)."""
-    return torch.addmm(bias, x, weight.t())
+def pre_activations(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` (``weight`` is ``[latents, d_in]``), into ``out`` when given."""
+    return torch.addmm(bias, x, weight.t(), out=out)
 
 
 def _group_count(width: int, k: int) -> int:
@@ -65,7 +69,13 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     smallest kept maximum; the ``k`` kept maxima are ``k`` distinct entries, so ``v`` is at most the ``k``-th
     largest value and can only be tied with it, in which case the kept groups already hold ``k`` values that
     large. CPU only; elsewhere, or when grouping would not pay, it is ``torch.topk``.
+
+    Where the compiled kernels are available (:mod:`hf_dataselect.sae.native`), they do the same selection
+    several times faster and break ties toward the smallest columns; this is the fallback.
     """
+    compiled = native.row_topk(scores, k)
+    if compiled is not None:
+        return compiled
     n, width = scores.shape
     groups = _group_count(width, k) if scores.device.type == "cpu" and scores.is_contiguous() else 0
     if not groups or n == 0:
@@ -100,22 +110,24 @@ def topk_select(
 
     n = x.shape[0]
     k = min(k, weight.shape[0])
-    use_screen = screening.use_screening(x, weight, k)
-    screened = screening.screened_weights(weight, bias, shift) if use_screen else None
-    chunk = chunk_tokens or (screening.CHUNK_TOKENS if use_screen else default_chunk_tokens(weight.shape[0]))
+    if screening.use_screening(x, weight, k):
+        screened = screening.screened_weights(weight, bias, shift)
+        values, indices, redone = screening.screened_topk(
+            x, screened, k, chunk_tokens=chunk_tokens or screening.CHUNK_TOKENS
+        )
+        SCREEN_STATS["rows"] += n
+        SCREEN_STATS["recomputed"] += redone
+        return values, indices
+    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
     values = torch.empty(n, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(n, k, dtype=torch.long, device=x.device)
+    # one buffer for every chunk's pre-activations: fresh pages per chunk cost about as much as the matmul
+    buffer = torch.empty(min(n, chunk), weight.shape[0], dtype=torch.result_type(x, weight), device=x.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        if screened is not None:
-            values[start:stop], indices[start:stop], redone = screening.screened_topk(
-                x[start:stop], screened, k
-            )
-            SCREEN_STATS["rows"] += stop - start
-            SCREEN_STATS["recomputed"] += redone
-            continue
         rows = x[start:stop] if shift is None else x[start:stop] - shift
-        top_values, top_indices = row_topk(pre_activations(rows, weight, bias), k)
+        scores = pre_activations(rows, weight, bias, out=buffer[: stop - start])
+        top_values, top_indices = row_topk(scores, k)
         values[start:stop] = top_values.clamp_min_(0)
         indices[start:stop] = top_indices
     return values, indices

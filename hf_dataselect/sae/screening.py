@@ -23,6 +23,11 @@ values could pick different latents. So bfloat16 only *screens*:
    is below the k-th kept value the token is proven, else (a near-tie across the margin) it is recomputed
    entirely in float32.
 
+Where the native kernels are built (:mod:`hf_dataselect.sae.native`), step 1's inputs and steps 2–3 run in C, one
+pass per token; on CPUs with AMX the matmul of step 1 runs in the same kernel on AMX tiles, whose float32
+accumulations go straight into a running top-``(k + margin)`` per token without ever being stored (they are
+not rounded to bfloat16 there, so step 3 needs no rounding term). Otherwise PyTorch does each step.
+
 The result is the float32 TopK of every token (values from float32 arithmetic), as without the screen. It is on
 by default where AMX tiles are present (``HF_DATASELECT_SAE_SCREEN=auto``) and off elsewhere: on AVX512-BF16
 without AMX the bfloat16 matmul is only ~2x faster and the screen did not pay (benchmarks/results/sae.md).
@@ -38,7 +43,7 @@ from typing import Any
 
 import torch
 
-from hf_dataselect.sae import kernels
+from hf_dataselect.sae import kernels, native
 
 UNIT_ROUNDOFF = 2.0**-8
 DEFAULT_SETTING = "auto"
@@ -49,6 +54,9 @@ CHUNK_TOKENS = 1024
 """Tokens per screened chunk: bfloat16 scores of one chunk (12 MiB at 6,144 latents) stay in cache."""
 SAFETY = 1.01
 """Slack on the error bound for the float32 rounding of the norms it is computed from."""
+ROUNDING_INFLATION = 2.0**-7
+"""Bound factors are scaled by ``1 + 2^-7`` before rounding to the nearest bfloat16 (relative error at most
+``2^-8``), so rounding never makes them smaller than the exact values."""
 
 
 def _cpu_has_amx() -> bool:
@@ -123,23 +131,34 @@ class ScreenedWeights:
             bound_factors = torch.stack([rounding, exact.norm(dim=1)], dim=1)
             self.augmented = torch.cat([rounded, _rounded_up(SAFETY * bound_factors)], dim=1)
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """The bfloat16 ``[n, latents]`` upper-bound scores ``c`` of the module docstring."""
-        augmented = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-        rounded = augmented.to(torch.bfloat16)
+    @functools.cached_property
+    def amx_packed(self) -> torch.Tensor:
+        """The augmented weights laid out for :func:`native.amx_screened_topk` (built on first use)."""
+        return native.pack_for_amx(self.augmented)
+
+    def inputs(self, x: torch.Tensor, rows: int | None = None, columns: int | None = None) -> torch.Tensor:
+        """``x⁺``: the bfloat16 ``[n, d + 3]`` matmul inputs of the module docstring (one pass in C where the
+        native kernels are built; zero-padded to ``[rows, columns]`` for AMX tiles there)."""
+        inflate = SAFETY * (1 + ROUNDING_INFLATION)
+        compiled = native.screen_inputs(x, inflate, rows=rows, columns=columns)
+        if compiled is not None:
+            return compiled
+        n, d = x.shape
+        augmented = torch.empty(n, d + 3, dtype=torch.bfloat16, device=x.device)
+        augmented[:, :d] = x
+        augmented[:, d] = 1
+        rounded = augmented[:, : d + 1].float()
         norms = torch.stack(
-            [
-                rounded.double().norm(dim=1),
-                (augmented - rounded.float()).double().norm(dim=1),  # the difference is exact in float32
-            ],
+            # float32 norms: their relative error, below (d + 2) 2^-24, is covered by SAFETY
+            [rounded.norm(dim=1), (x - rounded[:, :d]).norm(dim=1)],  # the difference is exact in float32
             dim=1,
         )
-        return torch.cat([rounded, _rounded_up(SAFETY * norms)], dim=1) @ self.augmented.t()
+        augmented[:, d + 1 :] = (norms * inflate).to(torch.bfloat16)
+        return augmented
 
-    def exact(self, x: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Float32 pre-activations ``W (x - shift) + b`` at ``candidates [n, c]`` (latent ids per row)."""
-        rows = x if self.shift is None else x - self.shift
-        return kernels.gathered_dot(candidates, self.weight, rows) + self.bias[candidates]
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The bfloat16 ``[n, latents]`` upper-bound scores ``c`` of the module docstring."""
+        return self.inputs(x) @ self.augmented.t()
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """All float32 pre-activations of ``x`` (the fallback for tokens the screen cannot decide)."""
@@ -150,7 +169,7 @@ class ScreenedWeights:
 def _rounded_up(values: torch.Tensor) -> torch.Tensor:
     """Non-negative ``values`` in bfloat16, never below the originals: inflated by 2^-7 before rounding to
     nearest, whose relative error is at most 2^-8 (plus 2^-24 when float64 goes through float32)."""
-    return (values * (1 + 2.0**-7)).to(torch.bfloat16)
+    return (values * (1 + ROUNDING_INFLATION)).to(torch.bfloat16)
 
 
 _last_screened: list[tuple[tuple[Any, ...], ScreenedWeights]] = []
@@ -169,23 +188,79 @@ def screened_weights(
     return _last_screened[0][1]
 
 
+def default_margin(k: int) -> int:
+    """Candidates beyond ``k`` per token: 12 at ``k = 32``, where 0.2 % of real (bf16-exact) tokens need the
+    float32 fallback against 1.1 % with 8 and 0.04 % with 16; 12 was the fastest of the three on real MiniLM
+    tokens (benchmarks/results/sae.md)."""
+    return max(12, (3 * k) // 8)
+
+
 def screened_topk(
-    x: torch.Tensor, screened: ScreenedWeights, k: int, margin: int | None = None
+    x: torch.Tensor,
+    screened: ScreenedWeights,
+    k: int,
+    margin: int | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(values, indices, recomputed_rows)``: the float32 top-k of ``relu((x - shift) @ W.T + b)``."""
-    margin = margin if margin is not None else max(16, k // 2)
-    k2 = min(screened.weight.shape[0], k + margin)
-    top_scores, candidates = kernels.row_topk(screened.scores(x), k2)
-    exact = screened.exact(x, candidates)
-    top_exact, positions = exact.topk(k, dim=-1, sorted=False)
-    indices = candidates.gather(1, positions)
-    kth = top_exact.min(dim=1).values.double()
-    upper = upper_bound(top_scores.min(dim=1).values)
-    proven = (upper < kth) | (upper <= 0)
-    values = top_exact.clamp_min_(0)
+    """``(values, indices, recomputed_rows)``: the float32 top-k of ``relu((x - shift) @ W.T + b)``.
+
+    With the native kernels on a CPU with AMX, steps 1–3 run fused (:func:`native.amx_screened_topk`: the
+    scores never reach memory). Otherwise scores are computed ``chunk_tokens`` rows at a time into one reused
+    buffer (fresh pages for every chunk cost more than the matmul's arithmetic on AMX), and each chunk's
+    selection follows its matmul while the scores are still in cache."""
+    n = x.shape[0]
+    margin = margin if margin is not None else default_margin(k)
+    latents = screened.weight.shape[0]
+    k2 = min(latents, k + margin)
+    operands = (x, screened.shift, screened.weight, screened.bias, k)
+    if native.amx_available():
+        fused = native.amx_screened_topk(
+            screened.amx_packed, k2, *operands, SAFETY * (1 + ROUNDING_INFLATION)
+        )
+        if fused is not None:
+            return _recompute_unproven(x, screened, k, *fused)
+    augmented = screened.inputs(x)
+    buffer = torch.empty(min(n, chunk_tokens), latents, dtype=torch.bfloat16, device=x.device)
+    values = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(n, k, dtype=torch.long, device=x.device)
+    proven = torch.empty(n, dtype=torch.bool, device=x.device)
+    for start in range(0, n, chunk_tokens):
+        stop = min(n, start + chunk_tokens)
+        scores = torch.matmul(augmented[start:stop], screened.augmented.t(), out=buffer[: stop - start])
+        chunk = (x[start:stop], *operands[1:])
+        compiled = native.screened_topk(scores, k2, *chunk)
+        if compiled is None:
+            compiled = _select_and_prove(scores, k2, screened, x[start:stop], k)
+        values[start:stop], indices[start:stop], proven[start:stop] = compiled
+    return _recompute_unproven(x, screened, k, values, indices, proven)
+
+
+def _recompute_unproven(
+    x: torch.Tensor,
+    screened: ScreenedWeights,
+    k: int,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    proven: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Step 3's fallback: the float32 TopK of every row the screen could not prove, from all its latents."""
     redo = (~proven).nonzero().squeeze(-1)
     if redo.numel():
         top_values, top_indices = kernels.row_topk(screened.dense(x[redo]), k)
         values[redo] = top_values.clamp_min_(0)
         indices[redo] = top_indices
     return values, indices, int(redo.numel())
+
+
+def _select_and_prove(
+    scores: torch.Tensor, k2: int, screened: ScreenedWeights, x: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 2–3 in PyTorch (where :func:`native.screened_topk` is not available): ``(values, indices, proven)``."""
+    rows = x if screened.shift is None else x - screened.shift
+    top_scores, candidates = kernels.row_topk(scores, k2)
+    exact = kernels.gathered_dot(candidates, screened.weight, rows) + screened.bias[candidates]
+    top_exact, positions = exact.topk(k, dim=-1, sorted=False)
+    kth = top_exact.min(dim=1).values.double()
+    upper = upper_bound(top_scores.min(dim=1).values)
+    proven = (upper < kth) | (upper <= 0)
+    return top_exact.clamp_min_(0), candidates.gather(1, positions), proven
