@@ -208,3 +208,25 @@ def test_screen_gives_the_float32_topk_with_and_without_the_fused_amx_kernel(mon
     reference = kernels.pre_activations(x - shift, weight, bias).topk(24, dim=1)
     assert torch.equal(indices.sort(1).values, reference.indices.sort(1).values)
     assert torch.allclose(values.sort(1).values, reference.values.clamp_min(0).sort(1).values, atol=1e-5)
+
+
+@pytest.mark.parametrize("screen", ["on", "off"])
+def test_bfloat16_hidden_states_encode_as_their_float32_values(monkeypatch, screen):
+    """A bfloat16 model's hidden states go to the SAE as they are (no float32 copy where the screen reads them);
+    the code is the one of their exact float32 widening, bit for bit."""
+    from hf_dataselect.sae.model import TopKSAE
+
+    monkeypatch.setenv("HF_DATASELECT_SAE_SCREEN", screen)
+    screening.screening_available.cache_clear()
+    try:
+        sae = TopKSAE(40, 2048, 16)
+        with torch.no_grad():
+            sae.b_dec.normal_(generator=torch.Generator().manual_seed(0))
+            hidden = torch.randn(300, 40, generator=torch.Generator().manual_seed(1)).bfloat16()
+            from_bfloat16 = sae.encode(hidden)
+            from_float32 = sae.encode(hidden.float())
+    finally:
+        screening.screening_available.cache_clear()
+    assert from_bfloat16.top_values.dtype == torch.float32
+    assert torch.equal(from_bfloat16.top_indices, from_float32.top_indices)
+    assert torch.equal(from_bfloat16.top_values, from_float32.top_values)

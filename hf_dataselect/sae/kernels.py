@@ -100,6 +100,8 @@ def topk_select(
     shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` ReLU activations per row of ``x - shift``: ``(values [n, k], indices [n, k])``, chunked.
+    ``x`` may be bfloat16 with float32 weights (a bfloat16 model's hidden states): it is taken as its exact
+    float32 value and the values are float32.
 
     ``topk(relu(p))`` and ``relu(topk(p))`` give the same values (ReLU is monotone); the second skips a pass
     over the dense pre-activations. Rows with fewer than ``k`` positive pre-activations get zeros. Where enabled
@@ -110,6 +112,12 @@ def topk_select(
 
     n = x.shape[0]
     k = min(k, weight.shape[0])
+    if (
+        x.dtype == torch.bfloat16
+        and weight.dtype == torch.float32
+        and not screening.use_screening(x, weight, k)
+    ):
+        x = x.float()  # exact; only the screen reads bfloat16 rows as they are
     if screening.use_screening(x, weight, k):
         screened = screening.screened_weights(weight, bias, shift)
         values, indices, redone = screening.screened_topk(

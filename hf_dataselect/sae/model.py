@@ -248,10 +248,19 @@ class TopKSAE(nn.Module):
         """
         self._check_width(x)
         lead = x.shape[:-1]
-        flat = x.reshape(-1, self.d_in).to(self.dtype)
-        normalized, _ = self._normalize_input(flat)
+        flat = x.reshape(-1, self.d_in)
         parameters = (self.W_enc, self.b_enc, self.b_dec)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (normalized, *parameters))
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (flat, *parameters))
+        # a bfloat16 model's hidden states widen exactly to float32: the TopK kernels take them as they are
+        # (the bfloat16 screen then needs no float32 copy)
+        reads_bfloat16 = (
+            flat.dtype == torch.bfloat16
+            and self.dtype == torch.float32
+            and self.cfg.input_normalization is None
+            and self.cfg.activation == "topk"
+            and not needs_grad
+        )
+        normalized, _ = self._normalize_input(flat if reads_bfloat16 else flat.to(self.dtype))
         if self.cfg.activation == "topk" and not needs_grad:
             # inference: b_dec goes to the kernel unsubtracted, so a bfloat16 screen sees exact inputs
             shift = self.b_dec if self.cfg.apply_b_dec_to_input else None

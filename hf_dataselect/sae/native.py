@@ -47,6 +47,8 @@ BUILD_TIMEOUT_S = 120
 MIN_ROWS_PER_THREAD = 64
 """Fewer rows than this per thread do not pay for starting the thread."""
 _DTYPE_CODES = {torch.bfloat16: 1, torch.float32: 0}
+MAX_WIDTH = 1 << 24
+"""Row width limit of the row top-k (tie positions are packed in 24 bits)."""
 
 
 def enabled() -> bool:
@@ -119,7 +121,7 @@ def load(path: Path) -> ctypes.CDLL:
     library.hf_dataselect_amx_screened_topk.restype = ctypes.c_int
     library.hf_dataselect_amx_screened_topk.argtypes = [
         *(pointer, size, size, size, size),  # packed, n, kp, latents, candidates
-        *(pointer, pointer, pointer, pointer, size, size),  # x, shift, weight, bias, d, k
+        *(pointer, flag, pointer, pointer, pointer, size, size),  # x, x is bf16, shift, weight, bias, d, k
         ctypes.c_double,  # inflate
         *(pointer, pointer, pointer, flag),  # values, indices, proven, threads
     ]
@@ -168,7 +170,7 @@ def row_topk(
     """``(values [n, k], indices [n, k])``: each row's ``k`` largest entries, unsorted; ``None`` where the
     kernel does not apply (not a contiguous 2-D bfloat16/float32 CPU tensor, ``k`` out of range, kernels
     unavailable), so that the caller uses PyTorch. ``kernels`` overrides the library (tests)."""
-    if scores.dtype not in _DTYPE_CODES or scores.dim() != 2 or not 1 <= k <= scores.shape[1]:
+    if scores.dtype not in _DTYPE_CODES or scores.dim() != 2 or not 1 <= k <= scores.shape[1] < MAX_WIDTH:
         return None
     kernels = kernels or library()
     if kernels is None or not _usable(scores):
@@ -201,11 +203,12 @@ def _encoder_operands(
     bias: torch.Tensor,
     k: int,
     candidates: int,
+    x_dtypes: tuple[torch.dtype, ...] = (torch.float32,),
 ) -> bool:
-    """Whether ``x [n, d]``, ``shift [d]``, ``weight [L, d]``, ``bias [L]`` suit the kernels (float32, CPU,
-    contiguous); raises ``ValueError`` when their shapes, ``k`` or ``candidates`` do not agree."""
-    tensors = [t for t in (x, shift, weight, bias) if t is not None]
-    if any(t.dtype != torch.float32 for t in tensors) or not _usable(*tensors):
+    """Whether ``x [n, d]`` (of ``x_dtypes``), ``shift [d]``, ``weight [L, d]``, ``bias [L]`` (float32) suit
+    the kernels (CPU, contiguous); raises ``ValueError`` when their shapes, ``k`` or ``candidates`` disagree."""
+    tensors = [t for t in (shift, weight, bias) if t is not None]
+    if x.dtype not in x_dtypes or any(t.dtype != torch.float32 for t in tensors) or not _usable(x, *tensors):
         return False
     d, latents = weight.shape[1], weight.shape[0]
     if (
@@ -341,10 +344,11 @@ def amx_screened_topk(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """:func:`screened_topk` from ``x`` itself, fused on AMX tiles: the step 1 inputs (as :func:`screen_inputs`
     with ``inflate``) are built per block of tokens, and the bfloat16 scores are accumulated in tiles and never
-    stored; ``packed`` from :func:`pack_for_amx`. ``None`` where AMX is not available."""
+    stored; ``packed`` from :func:`pack_for_amx`. ``x`` may be bfloat16 (a bfloat16 model's hidden states,
+    read as their exact float32 values without a float32 copy). ``None`` where AMX is not available."""
     if packed.dtype != torch.bfloat16 or packed.dim() != 5 or not _usable(packed):
         return None
-    if not _encoder_operands(x, shift, weight, bias, k, candidates):
+    if not _encoder_operands(x, shift, weight, bias, k, candidates, x_dtypes=(torch.float32, torch.bfloat16)):
         return None
     n, d = x.shape
     latents = weight.shape[0]
@@ -364,6 +368,7 @@ def amx_screened_topk(
         latents,
         candidates,
         x.data_ptr(),
+        int(x.dtype == torch.bfloat16),
         _pointer(shift),
         weight.data_ptr(),
         bias.data_ptr(),

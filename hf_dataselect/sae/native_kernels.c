@@ -1,8 +1,10 @@
 /* CPU kernels of SAE encoding, for hf_dataselect.sae.native: the exact top k of every row of a bfloat16 or
  * float32 matrix (hf_dataselect_topk_rows), and the bfloat16 screen of hf_dataselect.sae.screening: its
- * matmul inputs (hf_dataselect_screen_inputs) and, after the matmul, its selection, float32 recomputation
- * and proof (hf_dataselect_screened_topk). Rows are split over POSIX threads; no result depends on the
- * thread count. *
+ * matmul inputs (hf_dataselect_screen_inputs), its selection, float32 recomputation and proof after a
+ * PyTorch matmul (hf_dataselect_screened_topk), and on AMX CPUs all of it with the matmul fused
+ * (hf_dataselect_amx_screened_topk, at the end of this file). Rows are split over OpenMP threads (PyTorch's,
+ * when built with -fopenmp) or POSIX threads; no result depends on the thread count.
+ *
  * Top k. Values are compared through an order-preserving unsigned key of their bits (negative numbers have
  * all bits flipped, positive ones the sign bit), so rows are scanned with integer SIMD instructions. With
  * G = ceil(width / 32) groups of strided columns (column c is in group c mod G), per row:
@@ -18,7 +20,7 @@
  * radix select; step 3 scans the whole row with AVX-512 compares, or else only the groups kept in step 2.
  * NaN keys order by their bits (a NaN with the sign bit set ranks below -inf), unlike torch.topk.
  *
- * Build: cc -O3 -march=native -shared -fPIC -pthread (hf_dataselect.sae.native does it).
+ * Build: cc -O3 -march=native -shared -fPIC -pthread [-fopenmp] (hf_dataselect.sae.native does it).
  */
 #include <math.h>
 #include <pthread.h>
@@ -70,53 +72,62 @@ static uint32_t kth_largest_radix(const uint32_t *keys, int64_t n, int64_t k, in
 #endif
 
 #if defined(__AVX512F__)
-/* The k-th largest of n keys by quickselect, each partition one pass of AVX-512 compares and compressions
- * into `work` (2 x (n + 16) keys): no branch depends on the data but the loop exits. */
-static uint32_t kth_largest_vector(const uint32_t *keys, int64_t n, int64_t k, uint32_t *work) {
-    const uint32_t *source = keys;
-    uint32_t *buffers[2] = {work, work + n + 16};
-    int which = 0;
-    for (;;) {
-        if (n <= 16) { /* insertion sort, descending */
-            uint32_t small[16];
-            for (int64_t i = 0; i < n; i++) {
-                uint32_t key = source[i];
-                int64_t j = i;
-                for (; j > 0 && small[j - 1] < key; j--) small[j] = small[j - 1];
-                small[j] = key;
-            }
-            return small[k - 1];
-        }
-        uint32_t a = source[0], b = source[n / 2], c = source[n - 1];
-        uint32_t pivot = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
-        const __m512i pivots = _mm512_set1_epi32((int)pivot);
-        uint32_t *greater = buffers[which], *less = source == keys ? buffers[1] : (uint32_t *)source;
-        int64_t above = 0, below = 0, i = 0;
-        for (; i < n; i += 16) {
-            __mmask16 valid = i + 16 <= n ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-            __m512i v = _mm512_maskz_loadu_epi32(valid, source + i);
-            __mmask16 up = _mm512_mask_cmpgt_epu32_mask(valid, v, pivots);
-            __mmask16 down = _mm512_mask_cmplt_epu32_mask(valid, v, pivots);
-            _mm512_storeu_si512((void *)(greater + above), _mm512_maskz_compress_epi32(up, v));
-            _mm512_storeu_si512((void *)(less + below), _mm512_maskz_compress_epi32(down, v));
-            above += __builtin_popcount(up);
-            below += __builtin_popcount(down);
-        }
-        if (k <= above) {
-            source = greater;
-            n = above;
-        } else if (k <= n - below) {
-            return pivot;
-        } else {
-            k -= n - below;
-            source = less;
-            n = below;
-        }
-        /* next pass: the smaller keys are compacted in place (a store never passes the loads), the larger
-         * ones go to the other buffer */
-        which = source == buffers[0];
+/* The k-th largest (1 <= k <= n) of n values by quickselect, each partition one pass of AVX-512 compares and
+ * compressions into `work` (2 x (n + 16) values): no branch depends on the data but the loop exits. The larger
+ * values go to the buffer that is not the source; the smaller ones are compacted in place (a store never
+ * passes the loads), or into the second buffer on the first pass. Defined for unsigned keys and for finite
+ * floats. */
+#define DEFINE_VECTOR_SELECT(NAME, T, VECTOR, SET1, LOAD, GREATER, LESS, COMPRESS, STORE)                  \
+    static T NAME(const T *values, int64_t n, int64_t k, T *work) {                                        \
+        const T *source = values;                                                                          \
+        T *buffers[2] = {work, work + n + 16};                                                             \
+        for (;;) {                                                                                         \
+            if (n <= 16) { /* insertion sort, descending */                                                \
+                T small[16];                                                                               \
+                for (int64_t i = 0; i < n; i++) {                                                          \
+                    T value = source[i];                                                                   \
+                    int64_t j = i;                                                                         \
+                    for (; j > 0 && small[j - 1] < value; j--) small[j] = small[j - 1];                    \
+                    small[j] = value;                                                                      \
+                }                                                                                          \
+                return small[k - 1];                                                                       \
+            }                                                                                              \
+            T a = source[0], b = source[n / 2], c = source[n - 1];                                         \
+            T pivot = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));               \
+            const VECTOR pivots = SET1(pivot);                                                             \
+            T *greater = buffers[source == buffers[0]], *less = source == values ? buffers[1] : (T *)source; \
+            int64_t above = 0, below = 0;                                                                  \
+            for (int64_t i = 0; i < n; i += 16) {                                                          \
+                __mmask16 valid = i + 16 <= n ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);      \
+                VECTOR v = LOAD(valid, source + i);                                                        \
+                __mmask16 up = GREATER(valid, v, pivots), down = LESS(valid, v, pivots);                   \
+                STORE(greater + above, COMPRESS(up, v));                                                   \
+                STORE(less + below, COMPRESS(down, v));                                                    \
+                above += __builtin_popcount(up);                                                           \
+                below += __builtin_popcount(down);                                                         \
+            }                                                                                              \
+            if (k <= above) {                                                                              \
+                source = greater;                                                                          \
+                n = above;                                                                                 \
+            } else if (k <= n - below) {                                                                   \
+                return pivot;                                                                              \
+            } else {                                                                                       \
+                k -= n - below;                                                                            \
+                source = less;                                                                             \
+                n = below;                                                                                 \
+            }                                                                                              \
+        }                                                                                                  \
     }
-}
+
+#define SET1_U32(value) _mm512_set1_epi32((int)(value))
+#define STORE_U32(where, vector) _mm512_storeu_si512((void *)(where), vector)
+#define GREATER_F32(mask, a, b) _mm512_mask_cmp_ps_mask(mask, a, b, _CMP_GT_OQ)
+#define LESS_F32(mask, a, b) _mm512_mask_cmp_ps_mask(mask, a, b, _CMP_LT_OQ)
+DEFINE_VECTOR_SELECT(kth_largest_vector, uint32_t, __m512i, SET1_U32, _mm512_maskz_loadu_epi32,
+                     _mm512_mask_cmpgt_epu32_mask, _mm512_mask_cmplt_epu32_mask, _mm512_maskz_compress_epi32,
+                     STORE_U32)
+DEFINE_VECTOR_SELECT(kth_largest_float, float, __m512, _mm512_set1_ps, _mm512_maskz_loadu_ps, GREATER_F32,
+                     LESS_F32, _mm512_maskz_compress_ps, _mm512_storeu_ps)
 #endif
 
 /* The k-th largest of n keys below 2^bits: vectorised quickselect with AVX-512; otherwise, when it is among
@@ -546,18 +557,19 @@ typedef struct {
     uint16_t *augmented;
 } inputs_job_t;
 
-/* One row of step 1's inputs: out[0, stride) = [bf16(x), 1, ‖bf16([x, 1])‖·inflate, ‖x − bf16(x)‖·inflate, 0...]
- * (norms summed in float64 in 8 independent lanes, so vectorised). */
+/* One row of step 1's inputs: out[0, stride) = [bf16(x), 1, ‖bf16([x, 1])‖·inflate, ‖x − bf16(x)‖·inflate, 0...].
+ * The norms are float32 sums in 16 independent lanes (vectorised); their relative error, below
+ * (d / 16 + 5) 2^-24, is covered by the 1 % slack in `inflate` (screening.SAFETY), as in the PyTorch path. */
 static void augment_row(const float *x, int64_t d, int64_t stride, double inflate, uint16_t *out) {
-    double rounded_lanes[8] = {0}, error_lanes[8] = {0};
+    float rounded_lanes[16] = {0}, error_lanes[16] = {0};
     int64_t i = 0;
-    for (; i + 8 <= d; i += 8) {
-        for (int l = 0; l < 8; l++) {
+    for (; i + 16 <= d; i += 16) {
+        for (int l = 0; l < 16; l++) {
             const uint16_t bits = float_to_bf16(x[i + l]);
             const float rounded = bf16_to_float(bits), error = x[i + l] - rounded; /* exact in float32 */
             out[i + l] = bits;
-            rounded_lanes[l] += (double)rounded * rounded;
-            error_lanes[l] += (double)error * error;
+            rounded_lanes[l] += rounded * rounded;
+            error_lanes[l] += error * error;
         }
     }
     double rounded_sq = 1.0, error_sq = 0.0; /* the constant 1 column is exact */
@@ -568,7 +580,7 @@ static void augment_row(const float *x, int64_t d, int64_t stride, double inflat
         rounded_sq += (double)rounded * rounded;
         error_sq += (double)error * error;
     }
-    for (int l = 0; l < 8; l++) {
+    for (int l = 0; l < 16; l++) {
         rounded_sq += rounded_lanes[l];
         error_sq += error_lanes[l];
     }
@@ -629,35 +641,34 @@ typedef struct {
     float floor;
     int64_t count;
     float *scores;
-    int64_t *latents;
+    int32_t *latents;
 } running_t;
 
 /* Keep the m largest scores of a running set (among scores equal to the m-th, the earliest; the proof only
  * needs the smallest kept score) and raise its floor to the m-th largest. In place: a kept entry only moves
- * toward the front. */
+ * toward the front. Scores in a running set are finite (NaN never passes the floor). */
 static void compact(running_t *run, int64_t m, scratch_t *s) {
     if (run->count <= m) return;
-    for (int64_t i = 0; i < run->count; i++) s->keys[i] = float_key(run->scores[i]);
-    const uint32_t theta = kth_largest(s->keys, run->count, m, 32, s->hist, s->work);
+    const float theta = kth_largest_float(run->scores, run->count, m, (float *)s->work);
     int64_t above = 0;
-    for (int64_t i = 0; i < run->count; i++) above += s->keys[i] > theta;
+    for (int64_t i = 0; i < run->count; i++) above += run->scores[i] > theta;
     int64_t kept = 0, ties = m - above;
     for (int64_t i = 0; i < run->count; i++) {
-        const int keep = s->keys[i] > theta || (s->keys[i] == theta && ties-- > 0);
+        const int keep = run->scores[i] > theta || (run->scores[i] == theta && ties-- > 0);
         run->scores[kept] = run->scores[i];
         run->latents[kept] = run->latents[i];
         kept += keep;
     }
     run->count = m;
-    uint32_t floor_bits = theta ^ 0x80000000u; /* back from the key: theta is the key of a kept score */
-    if (floor_bits & 0x80000000u) floor_bits = ~theta;
-    memcpy(&run->floor, &floor_bits, sizeof(float));
+    run->floor = theta;
 }
 
 typedef struct {
     const uint16_t *packed;
     int64_t n, kp, latents, m;
-    const float *x, *shift, *weight, *bias;
+    const void *x; /* float32, or bfloat16 bits when x_bf16 (a bfloat16 model's hidden states, read as is) */
+    int x_bf16;
+    const float *shift, *weight, *bias;
     int64_t d, k;
     double inflate;
     float *values;
@@ -665,13 +676,13 @@ typedef struct {
     uint8_t *proven;
 } amx_job_t;
 
-/* Add the scores above the floor among 16 latents (base, base + 1, ...) to a running set. */
-static inline void add_above(running_t *run, __m512 scores, __mmask16 above, int64_t base) {
-    _mm512_mask_compressstoreu_ps(run->scores + run->count, above, scores);
-    const __m512i low = _mm512_add_epi64(_mm512_set1_epi64(base), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
-    _mm512_mask_compressstoreu_epi64(run->latents + run->count, (__mmask8)(above & 0xFF), low);
-    _mm512_mask_compressstoreu_epi64(run->latents + run->count + __builtin_popcount(above & 0xFF),
-                                     (__mmask8)(above >> 8), _mm512_add_epi64(low, _mm512_set1_epi64(8)));
+/* Add the scores above the floor among 16 latents (base, base + 1, ...) to a running set: compressed in
+ * registers and stored whole (the sets have 16 entries of slack), faster than compressing into memory. */
+static inline void add_above(running_t *run, __m512 scores, __mmask16 above, int32_t base) {
+    const __m512i latents = _mm512_add_epi32(_mm512_set1_epi32(base),
+                                             _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+    _mm512_storeu_ps(run->scores + run->count, _mm512_maskz_compress_ps(above, scores));
+    _mm512_storeu_si512((void *)(run->latents + run->count), _mm512_maskz_compress_epi32(above, latents));
     run->count += __builtin_popcount(above);
 }
 
@@ -687,12 +698,20 @@ static inline void offer(running_t *run, const float *first16, const float *seco
     if (!(above0 | above1)) return;
     if (run->count + 32 > room) compact(run, m, s); /* the floor rises: test again */
     const __m512 raised = _mm512_set1_ps(run->floor);
-    add_above(run, scores0, _mm512_mask_cmp_ps_mask(above0, scores0, raised, _CMP_GT_OQ), base);
-    add_above(run, scores1, _mm512_mask_cmp_ps_mask(above1, scores1, raised, _CMP_GT_OQ), base + 16);
+    add_above(run, scores0, _mm512_mask_cmp_ps_mask(above0, scores0, raised, _CMP_GT_OQ), (int32_t)base);
+    add_above(run, scores1, _mm512_mask_cmp_ps_mask(above1, scores1, raised, _CMP_GT_OQ), (int32_t)base + 16);
 }
 
 /* Token tiles are taken in pairs and latents in pairs of tiles: per 32-column step two token tiles and two
  * weight tiles are loaded for four tile products (each load serves two products). */
+/* Row r of the job's x as float32: in place, or widened from bfloat16 into `buffer` (exactly). */
+static const float *float_row(const amx_job_t *job, int64_t r, float *buffer) {
+    if (!job->x_bf16) return (const float *)job->x + r * job->d;
+    const uint16_t *row = (const uint16_t *)job->x + r * job->d;
+    for (int64_t i = 0; i < job->d; i++) buffer[i] = bf16_to_float(row[i]);
+    return buffer;
+}
+
 static int amx_slice(void *context, int64_t first_pair, int64_t last_pair) {
     amx_job_t *job = (amx_job_t *)context;
     const int64_t m = job->m, kp = job->kp, steps = kp / 32, room = m + AMX_ROOM;
@@ -700,13 +719,14 @@ static int amx_slice(void *context, int64_t first_pair, int64_t last_pair) {
     const int64_t block = AMX_BLOCK_PAIRS * 2 * AMX_TOKENS;
     scratch_t *s = new_scratch(room > job->latents ? room : job->latents);
     running_t *runs = calloc(block, sizeof(running_t));
-    float *pool_scores = malloc(block * room * sizeof(float));
-    int64_t *pool_latents = malloc(block * room * sizeof(int64_t));
+    const int64_t stride = room + 16; /* slack for whole-vector stores */
+    float *pool_scores = malloc(block * stride * sizeof(float));
+    int32_t *pool_latents = malloc(block * stride * sizeof(int32_t));
     float *exact = malloc(m * sizeof(float));
-    float *shifted = malloc(job->d * sizeof(float));
+    float *shifted = malloc(job->d * sizeof(float)), *row_buffer = malloc(job->d * sizeof(float));
     uint16_t *inputs = aligned_alloc(64, block * kp * sizeof(uint16_t)); /* this block's step 1 inputs */
     float out[2][2][2][AMX_TOKENS][16]; /* [pair parity][token tile][latent tile][row][latent] */
-    int ok = s && runs && pool_scores && pool_latents && exact && shifted && inputs;
+    int ok = s && runs && pool_scores && pool_latents && exact && shifted && row_buffer && inputs;
     if (!ok) goto done;
 
     tile_config_t config = {0};
@@ -722,9 +742,9 @@ static int amx_slice(void *context, int64_t first_pair, int64_t last_pair) {
         const int64_t first_token = block_first * 2 * AMX_TOKENS;
         const int64_t tokens = (block_last - block_first) * 2 * AMX_TOKENS;
         for (int64_t t = 0; t < tokens; t++) {
-            runs[t] = (running_t){-INFINITY, 0, pool_scores + t * room, pool_latents + t * room};
+            runs[t] = (running_t){-INFINITY, 0, pool_scores + t * stride, pool_latents + t * stride};
             if (first_token + t < job->n)
-                augment_row(job->x + (first_token + t) * job->d, job->d, kp, job->inflate, inputs + t * kp);
+                augment_row(float_row(job, first_token + t, row_buffer), job->d, kp, job->inflate, inputs + t * kp);
             else
                 memset(inputs + t * kp, 0, kp * sizeof(uint16_t));
         }
@@ -783,8 +803,9 @@ static int amx_slice(void *context, int64_t first_pair, int64_t last_pair) {
                 memset(job->indices + r * job->k, 0, job->k * sizeof(int64_t));
                 continue;
             }
-            job->proven[r] = finish_row(run->scores, run->latents, m, job->x + r * job->d, job->shift, job->weight,
-                                        job->bias, job->d, job->k, 0.0, exact, shifted, s,
+            for (int64_t j = 0; j < m; j++) s->columns[j] = run->latents[j];
+            job->proven[r] = finish_row(run->scores, s->columns, m, float_row(job, r, row_buffer), job->shift,
+                                        job->weight, job->bias, job->d, job->k, 0.0, exact, shifted, s,
                                         job->values + r * job->k, job->indices + r * job->k);
         }
     }
@@ -796,6 +817,7 @@ done:
     free(pool_latents);
     free(exact);
     free(shifted);
+    free(row_buffer);
     free(inputs);
     return ok ? 0 : -1;
 }
@@ -806,22 +828,25 @@ static int amx_ready(void) {
 }
 #endif
 
-/* Steps 1 to 3 of hf_dataselect.sae.screening on AMX tiles for x [n, d] (float32): step 1's inputs (as
+/* Steps 1 to 3 of hf_dataselect.sae.screening on AMX tiles for x [n, d] (float32, or bfloat16 when x_bf16,
+ * widened exactly): step 1's inputs (as
  * hf_dataselect_screen_inputs, with `inflate`, zero-padded to kp columns, a multiple of 32) are built per
  * block of 256 tokens; packed = the augmented weights [latents rounded up to 32, kp] zero-padded and laid out
  * per 16-latent tile and 32-column step as AMX reads them ([tile][step][16 column pairs][16 latents][2]);
  * m candidates per token; then as hf_dataselect_screened_topk. Returns 0, -1 when memory could not be had,
  * -2 where AMX is not available. */
 int hf_dataselect_amx_screened_topk(const uint16_t *packed, int64_t n, int64_t kp, int64_t latents, int64_t m,
-                                    const float *x, const float *shift, const float *weight, const float *bias,
-                                    int64_t d, int64_t k, double inflate, float *values, int64_t *indices,
-                                    uint8_t *proven, int threads) {
+                                    const void *x, int x_bf16, const float *shift, const float *weight,
+                                    const float *bias, int64_t d, int64_t k, double inflate, float *values,
+                                    int64_t *indices, uint8_t *proven, int threads) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
     if (kp % 32 != 0 || kp < d + 3 || m > latents || !amx_ready()) return -2;
-    amx_job_t job = {packed, n, kp, latents, m, x, shift, weight, bias, d, k, inflate, values, indices, proven};
+    amx_job_t job = {packed, n,      kp,   latents, m, x,      x_bf16,  shift,
+                     weight, bias,   d,    k,       inflate,   values, indices, proven};
     return parallel_rows(amx_slice, &job, (n + 2 * AMX_TOKENS - 1) / (2 * AMX_TOKENS), threads);
 #else
-    (void)packed, (void)n, (void)kp, (void)latents, (void)m, (void)x, (void)shift, (void)weight, (void)bias;
+    (void)packed, (void)n, (void)kp, (void)latents, (void)m, (void)x, (void)x_bf16, (void)shift, (void)weight;
+    (void)bias;
     (void)d, (void)k, (void)inflate, (void)values, (void)indices, (void)proven, (void)threads;
     return -2;
 #endif

@@ -99,9 +99,11 @@ def screening_available() -> bool:
 
 
 def use_screening(x: torch.Tensor, weight: torch.Tensor, k: int) -> bool:
+    """Whether to encode ``x`` (float32, or bfloat16 taken as its exact float32 value) through the screen."""
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype == torch.float32
         and weight.shape[0] >= MIN_LATENTS
         and weight.shape[0] >= 8 * k
         and screening_available()
@@ -202,7 +204,8 @@ def screened_topk(
     margin: int | None = None,
     chunk_tokens: int = CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(values, indices, recomputed_rows)``: the float32 top-k of ``relu((x - shift) @ W.T + b)``.
+    """``(values, indices, recomputed_rows)``: the float32 top-k of ``relu((x - shift) @ W.T + b)``, for float32
+    ``x`` or bfloat16 ``x`` (widened exactly: the fused AMX kernel reads it as is, the other paths convert it).
 
     With the native kernels on a CPU with AMX, steps 1–3 run fused (:func:`native.amx_screened_topk`: the
     scores never reach memory). Otherwise scores are computed ``chunk_tokens`` rows at a time into one reused
@@ -219,6 +222,8 @@ def screened_topk(
         )
         if fused is not None:
             return _recompute_unproven(x, screened, k, *fused)
+    x = x.float()
+    operands = (x, *operands[1:])
     augmented = screened.inputs(x)
     buffer = torch.empty(min(n, chunk_tokens), latents, dtype=torch.bfloat16, device=x.device)
     values = torch.empty(n, k, dtype=x.dtype, device=x.device)
@@ -246,7 +251,7 @@ def _recompute_unproven(
     """Step 3's fallback: the float32 TopK of every row the screen could not prove, from all its latents."""
     redo = (~proven).nonzero().squeeze(-1)
     if redo.numel():
-        top_values, top_indices = kernels.row_topk(screened.dense(x[redo]), k)
+        top_values, top_indices = kernels.row_topk(screened.dense(x[redo].float()), k)
         values[redo] = top_values.clamp_min_(0)
         indices[redo] = top_indices
     return values, indices, int(redo.numel())

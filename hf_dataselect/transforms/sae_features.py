@@ -357,7 +357,7 @@ class _FeatureRunner:
         sae = self.sae
         rows = len(batch.rows)
         pooled = torch.zeros(rows * sae.num_latents, dtype=sae.dtype, device=sae.device)
-        x = batch.activations.to(device=sae.device, dtype=sae.dtype)
+        x = batch.activations.to(device=sae.device)  # encode takes bfloat16 hidden states as they are
         if x.shape[0]:
             with torch.no_grad():
                 values, indices = sae.encode(x)
