@@ -2,20 +2,21 @@
 
 Why: on CPUs with fast bfloat16 matmuls (AMX), what surrounds the encoder matmul costs more than the matmul.
 PyTorch's row selection (``torch.topk``, or the grouped :func:`hf_dataselect.sae.kernels.row_topk` built from
-it) takes ~8 µs per token to find the top 48 of 6,144 scores; the C kernel takes ~1.7 µs (one vectorised
+it) takes ~8 µs per token to find the top 44 of 6,144 scores; the C kernel takes ~1.3 µs (one vectorised
 pass for strided group maxima, then selections among a few dozen keys). The bfloat16 screen's other steps
 (input rounding and norms; recomputing the candidates in float32, the final top k and the proof) each take
-several PyTorch calls and passes over memory, and one pass per row in C (benchmarks/results/sae.md).
+several PyTorch calls and passes over memory, and one pass per row in C; on AMX the screen's matmul joins
+them, so its scores are never stored (benchmarks/results/sae.md, (d3)).
 
 * :func:`row_topk` returns the same values as ``torch.topk``; among values equal to the k-th it keeps the
   smallest columns, so its result depends neither on the thread count nor on the CPU.
-* :func:`screen_inputs` and :func:`screened_topk` compute what :mod:`hf_dataselect.sae.screening` defines;
-  each float32 dot product is summed in one fixed order.
+* :func:`screen_inputs`, :func:`screened_topk` and :func:`amx_screened_topk` compute what
+  :mod:`hf_dataselect.sae.screening` defines; each float32 dot product is summed in one fixed order.
 
-The shared library is compiled once per source, flags, compiler and CPU (``-O3 -march=native``) into
-``<cache_dir>/native/<hash>/`` (atomically, so processes building at once cannot leave a half-written file)
-and loaded with :mod:`ctypes`, which releases the GIL during calls. Where no compiler works, or with
-``HF_DATASELECT_NATIVE=off``, both functions return ``None`` and callers use PyTorch.
+The shared library is compiled once per source, flags, compiler and CPU (``-O3 -march=native``, with OpenMP
+where the compiler has it) into ``<cache_dir>/native/<hash>/`` (atomically, so processes building at once
+cannot leave a half-written file) and loaded with :mod:`ctypes`, which releases the GIL during calls. Where no
+compiler works, or with ``HF_DATASELECT_NATIVE=off``, the functions return ``None`` and callers use PyTorch.
 """
 
 from __future__ import annotations
