@@ -298,3 +298,30 @@ def test_screen_setting_and_cpu_decide_where_it_runs(screen_setting, monkeypatch
         monkeypatch.setattr(screening, "_cpu_has_amx", lambda has_amx=has_amx: has_amx)
         screen_setting("auto")
         assert screening.use_screening(x, weight, 32) is has_amx
+
+
+def test_screen_sees_weights_that_a_fused_optimizer_changed_in_place(screen_setting):
+    """Fused Adam updates parameters without bumping their version counters; the screen's cached bfloat16
+    weights must notice (regression: SAE training on AMX CPUs screened with the weights of its first step)."""
+    screen_setting("on")
+    sae = _random_sae(d_in=32, num_latents=2048, k=16)
+    x = torch.randn(400, 32, generator=torch.Generator().manual_seed(6))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=5.0, fused=True)
+    with torch.no_grad():
+        before = sae.encode(x)  # caches the screen's weights
+    # raise the bias of 8 latents that no token selected: they now top every token, outside the stale
+    # candidates, while the stale bound still "proves" the old selection
+    unused = torch.ones(2048, dtype=torch.bool)
+    unused[before.top_indices.unique()] = False
+    raised = unused.nonzero().squeeze(-1)[:8]
+    (-sae.b_enc[raised].sum()).backward()
+    version = sae.b_enc._version
+    optimizer.step()
+    assert sae.b_enc._version == version  # the counter did not move: only the values tell
+    with torch.no_grad():
+        after = sae.encode(x)
+    assert set(raised.tolist()) <= set(after.top_indices[0].tolist())
+    dense = _dense_code(sae, x)
+    assert torch.allclose(
+        torch.zeros_like(dense).scatter(-1, after.top_indices, after.top_values), dense, atol=1e-5
+    )

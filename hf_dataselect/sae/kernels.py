@@ -112,13 +112,10 @@ def topk_select(
 
     n = x.shape[0]
     k = min(k, weight.shape[0])
-    if (
-        x.dtype == torch.bfloat16
-        and weight.dtype == torch.float32
-        and not screening.use_screening(x, weight, k)
-    ):
+    screen = screening.use_screening(x, weight, k)
+    if x.dtype == torch.bfloat16 and weight.dtype == torch.float32 and not screen:
         x = x.float()  # exact; only the screen reads bfloat16 rows as they are
-    if screening.use_screening(x, weight, k):
+    if screen:
         screened = screening.screened_weights(weight, bias, shift)
         values, indices, redone = screening.screened_topk(
             x, screened, k, chunk_tokens=chunk_tokens or screening.CHUNK_TOKENS

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
 
 import torch
 
@@ -123,6 +122,9 @@ class ScreenedWeights:
         self.bias = bias
         self.shift = shift
         with torch.no_grad():
+            self.snapshot = tuple(
+                t.detach().clone() if t is not None else None for t in (weight, bias, shift)
+            )
             folded = bias.double()
             if shift is not None:
                 folded = folded - weight.double() @ shift.double()
@@ -162,6 +164,20 @@ class ScreenedWeights:
         """The bfloat16 ``[n, latents]`` upper-bound scores ``c`` of the module docstring."""
         return self.inputs(x) @ self.augmented.t()
 
+    def holds(self, weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor | None) -> bool:
+        """Whether these are the tensors it was built from, with the same values.
+
+        Values are compared, not version counters: fused optimizers (``torch.optim.Adam(fused=True)``, which
+        SAE training uses) update parameters in place without bumping ``_version``, and screening with stale
+        weights would select from wrong scores and prove wrong bounds.
+        """
+        built_from = (self.weight, self.bias, self.shift)
+        if any(old is not new for old, new in zip(built_from, (weight, bias, shift), strict=True)):
+            return False  # other tensors (or None where there was one): the recompute reads built_from
+        return all(
+            old is None or torch.equal(old, new) for old, new in zip(self.snapshot, built_from, strict=True)
+        )
+
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """All float32 pre-activations of ``x`` (the fallback for tokens the screen cannot decide)."""
         rows = x if self.shift is None else x - self.shift
@@ -174,20 +190,18 @@ def _rounded_up(values: torch.Tensor) -> torch.Tensor:
     return (values * (1 + ROUNDING_INFLATION)).to(torch.bfloat16)
 
 
-_last_screened: list[tuple[tuple[Any, ...], ScreenedWeights]] = []
+_last_screened: list[ScreenedWeights] = []
 
 
 def screened_weights(
     weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor | None = None
 ) -> ScreenedWeights:
-    """:class:`ScreenedWeights` of these tensors, reused while none of them is modified (encoding batch after
-    batch with one SAE converts its weights once)."""
-    key = tuple(
-        (t.data_ptr(), t._version, tuple(t.shape)) if t is not None else None for t in (weight, bias, shift)
-    )
-    if not _last_screened or _last_screened[0][0] != key:
-        _last_screened[:] = [(key, ScreenedWeights(weight, bias, shift))]
-    return _last_screened[0][1]
+    """:class:`ScreenedWeights` of these tensors, reused while they hold the same values (encoding batch after
+    batch with one SAE converts its weights once; the comparison reads the weights once, ~1 ms at 6,144 x
+    384)."""
+    if not _last_screened or not _last_screened[0].holds(weight, bias, shift):
+        _last_screened[:] = [ScreenedWeights(weight, bias, shift)]
+    return _last_screened[0]
 
 
 def default_margin(k: int) -> int:
