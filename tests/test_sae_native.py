@@ -230,3 +230,11 @@ def test_bfloat16_hidden_states_encode_as_their_float32_values(monkeypatch, scre
     assert from_bfloat16.top_values.dtype == torch.float32
     assert torch.equal(from_bfloat16.top_indices, from_float32.top_indices)
     assert torch.equal(from_bfloat16.top_values, from_float32.top_values)
+
+
+def test_same_values_compares_bits():
+    a = torch.tensor([1.0, float("nan"), 0.0])
+    assert native.same_values(a, a.clone())  # NaN has the same bits as itself (torch.equal says no)
+    assert not native.same_values(a, torch.tensor([1.0, float("nan"), -0.0]))  # -0.0 has other bits
+    assert not native.same_values(a, a.double())
+    assert not native.same_values(a, a[:2])

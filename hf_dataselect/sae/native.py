@@ -117,6 +117,8 @@ def load(path: Path) -> ctypes.CDLL:
         *(pointer, size, size, size, ctypes.c_double),  # x, n, d, stride, inflate
         *(pointer, flag),  # augmented, threads
     ]
+    library.hf_dataselect_same_bytes.restype = ctypes.c_int
+    library.hf_dataselect_same_bytes.argtypes = [pointer, pointer, size]
     library.hf_dataselect_has_amx.restype = ctypes.c_int
     library.hf_dataselect_has_amx.argtypes = []
     library.hf_dataselect_amx_screened_topk.restype = ctypes.c_int
@@ -191,6 +193,17 @@ def row_topk(
     ):
         raise MemoryError("native row_topk: out of memory")
     return values, indices
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same bits (same dtype and shape): ``memcmp`` in C, several times faster
+    than ``torch.equal`` on a 9 MiB encoder; ``torch.equal`` where the kernels are not there."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    kernels = library()
+    if kernels is None or not _usable(a, b):
+        return bool(torch.equal(a, b))
+    return bool(kernels.hf_dataselect_same_bytes(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()))
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:

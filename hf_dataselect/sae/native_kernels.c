@@ -860,3 +860,6 @@ int hf_dataselect_has_amx(void) {
     return 0;
 #endif
 }
+
+/* 1 when the n bytes at a and b are the same (memcmp: one pass at memory bandwidth, bit for bit). */
+int hf_dataselect_same_bytes(const void *a, const void *b, int64_t n) { return memcmp(a, b, (size_t)n) == 0; }
