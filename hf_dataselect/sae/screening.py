@@ -56,6 +56,8 @@ SAFETY = 1.01
 ROUNDING_INFLATION = 2.0**-7
 """Bound factors are scaled by ``1 + 2^-7`` before rounding to the nearest bfloat16 (relative error at most
 ``2^-8``), so rounding never makes them smaller than the exact values."""
+INPUT_BOUND_SCALE = SAFETY * (1 + ROUNDING_INFLATION)
+"""What the inputs' two norms are multiplied by before rounding to bfloat16 (both factors above)."""
 
 
 def _cpu_has_amx() -> bool:
@@ -140,11 +142,10 @@ class ScreenedWeights:
         """The augmented weights laid out for :func:`native.amx_screened_topk` (built on first use)."""
         return native.pack_for_amx(self.augmented)
 
-    def inputs(self, x: torch.Tensor, rows: int | None = None, columns: int | None = None) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
         """``x⁺``: the bfloat16 ``[n, d + 3]`` matmul inputs of the module docstring (one pass in C where the
-        native kernels are built; zero-padded to ``[rows, columns]`` for AMX tiles there)."""
-        inflate = SAFETY * (1 + ROUNDING_INFLATION)
-        compiled = native.screen_inputs(x, inflate, rows=rows, columns=columns)
+        native kernels are built)."""
+        compiled = native.screen_inputs(x, INPUT_BOUND_SCALE)
         if compiled is not None:
             return compiled
         n, d = x.shape
@@ -157,7 +158,7 @@ class ScreenedWeights:
             [rounded.norm(dim=1), (x - rounded[:, :d]).norm(dim=1)],  # the difference is exact in float32
             dim=1,
         )
-        augmented[:, d + 1 :] = (norms * inflate).to(torch.bfloat16)
+        augmented[:, d + 1 :] = (norms * INPUT_BOUND_SCALE).to(torch.bfloat16)
         return augmented
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,9 +232,7 @@ def screened_topk(
     k2 = min(latents, k + margin)
     operands = (x, screened.shift, screened.weight, screened.bias, k)
     if native.amx_available():
-        fused = native.amx_screened_topk(
-            screened.amx_packed, k2, *operands, SAFETY * (1 + ROUNDING_INFLATION)
-        )
+        fused = native.amx_screened_topk(screened.amx_packed, k2, *operands, INPUT_BOUND_SCALE)
         if fused is not None:
             return _recompute_unproven(x, screened, k, *fused)
     x = x.float()
